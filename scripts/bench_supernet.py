@@ -1,0 +1,121 @@
+"""Supernet speed on Llama-3.1-8B shapes (random bf16 weights, random calibration tokens), one device.
+
+Times (a) all levels of one `down_proj` (14336 input channels) and (b) one `o_proj` with the Týr
+pruner, from Hessians of the given size, and (c) one whole block of `build_supernet` (Hessians over
+`--tokens` calibration tokens, 9 levels of attention and MLP, expectation propagation, Orbax writes).
+With fewer than 4M tokens, the token-proportional work (statistics, propagation) is extrapolated
+linearly to 4M; the pruners and the Orbax writes do not depend on the token count.
+
+    python scripts/bench_supernet.py --tokens 4194304 --json $OUT/supernet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench_forward import LLAMA31_8B, matmul_ceiling
+from tyr_jax.models import llama
+from tyr_jax.pruning import SublayerStats, get_pruner
+from tyr_jax.supernet import LevelPlan, SupernetConfig, SupernetStore, build_supernet, fingerprint
+
+
+def time_pruner(d_in, d_out, unit, removals, round_size, *, key):
+    """Seconds for all levels of one projection (median of 3 after a compile run)."""
+    kx, kw = jax.random.split(key)
+    x = jax.random.normal(kx, (4 * d_in, d_in), jnp.bfloat16)
+    h = jnp.einsum("ni,nj->ij", x, x, preferred_element_type=jnp.float32)
+    stats = SublayerStats(h, jnp.zeros((d_in,), jnp.float32), jnp.float32(x.shape[0]))
+    w = (0.02 * jax.random.normal(kw, (d_in, d_out), jnp.float32)).astype(jnp.bfloat16)
+    prune = jax.jit(get_pruner("tyr"), static_argnames=("unit_size", "removals", "round_size"))
+    run = lambda: jax.block_until_ready(prune(w, stats, unit_size=unit, removals=removals, round_size=round_size))  # noqa: E731
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {"seconds": float(np.median(times)), "first_call_s": first, "round_size": round_size,
+            "rounds": int(np.ceil(max(removals) / round_size))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1 << 20, help="calibration tokens for the block run")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--mlp-round-sizes", default="16,896", help="channels per round to time for down_proj")
+    parser.add_argument("--block-mlp-round-size", type=int, default=16)
+    parser.add_argument("--skip-block", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    cfg = LLAMA31_8B
+    results = {"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+               "matmul_ceiling_tflops": matmul_ceiling()}
+    scfg = SupernetConfig(mlp_round_size=args.block_mlp_round_size)
+    plan = LevelPlan.uniform_centres(cfg, scfg)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    key = jax.random.key(0)
+    for rs in map(int, args.mlp_round_sizes.split(",")):
+        results[f"down_proj_round{rs}"] = r = time_pruner(f, d, 1, plan.mlp[0], rs, key=key)
+        print(f"down_proj 9 levels, {rs} channels/round ({r['rounds']} rounds): {r['seconds']:.2f} s")
+    g_h = cfg.q_per_kv * cfg.head_dim
+    results["o_proj"] = r = time_pruner(cfg.num_kv_heads * g_h, d, g_h, plan.attn[0], 1, key=key)
+    print(f"o_proj 9 levels, 1 KV group/round: {r['seconds']:.2f} s")
+
+    if not args.skip_block:
+        one = dataclasses.replace(cfg, num_layers=1)
+        weights = jax.jit(llama.init_weights, static_argnames=("cfg", "dtype"))(one, key=key, dtype=jnp.bfloat16)
+        n_seq = args.tokens // args.seq_len
+        tokens = np.asarray(jax.random.randint(jax.random.key(1), (n_seq, args.seq_len), 0, cfg.vocab_size))
+        plan1 = LevelPlan(plan.attn[:1], plan.mlp[:1])
+        with tempfile.TemporaryDirectory() as tmp:
+            store = SupernetStore(tmp, fingerprint(one, scfg, plan1, tokens, "random-8b", jnp.bfloat16))
+            start = time.perf_counter()
+            build_supernet(weights, one, tokens, scfg, plan1, store, batch_size=args.batch, progress=False)
+            first = time.perf_counter() - start
+            # Second build of the same block in a fresh store: compiled, so this is the steady-state time.
+            store2 = SupernetStore(tmp + "/again", store.fingerprint)
+            timings = {}
+            build_supernet(weights, one, tokens, scfg, plan1, store2, batch_size=args.batch, progress=False,
+                           timings=timings)
+        block_s, prune_s, save_s = timings["total_s"], timings["prune_s"], timings["save_s"]
+        token_s = block_s - prune_s - save_s  # statistics and propagation: linear in tokens
+        per_block_4m = prune_s + save_s + token_s * (4 * 2 ** 20) / args.tokens
+        # Floor at 4M tokens: two passes (statistics, then propagation) through the block's matmuls + the
+        # Hessian products, all in bf16 on the matrix units.
+        n = 4 * 2 ** 20
+        block_params = cfg.layer_params(0)
+        attn_flops = 2 * 2 * cfg.num_heads * cfg.head_dim * args.seq_len * n  # causal, per pass
+        floor = (2 * (2 * block_params * n + attn_flops) + 2 * n * ((cfg.num_heads * cfg.head_dim) ** 2 + f ** 2))
+        floor_s = floor / (results["matmul_ceiling_tflops"] * 1e12)
+        results["block"] = {"tokens": args.tokens, "first_call_s": first, "seconds": block_s,
+                            "pruners_s": prune_s, "orbax_save_s": save_s, "token_bound_s": token_s,
+                            "per_block_at_4M_tokens_s": per_block_4m,
+                            "model_32_blocks_at_4M_tokens_min": 32 * per_block_4m / 60,
+                            "floor_per_block_at_4M_s": floor_s}
+        print(f"one block on {args.tokens} tokens: {block_s:.1f} s (pruners {prune_s:.1f} s); at 4M tokens "
+              f"{per_block_4m:.1f} s/block, {32 * per_block_4m / 60:.1f} min for 32 blocks; "
+              f"FLOP floor {floor_s:.1f} s/block")
+    stats = jax.devices()[0].memory_stats() or {}
+    results["peak_device_bytes"] = stats.get("peak_bytes_in_use")
+    results["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(json.dumps(results, indent=1))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The supernet: level grids, Eq. 5 expectation propagation, Orbax store, resume and refusal."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tyr_jax import supernet as sn
+from tyr_jax.models import llama
+from tyr_jax.models.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=61, hidden_size=24, num_layers=3, num_heads=6, num_kv_heads=3, head_dim=4,
+                  intermediate_size=40)
+
+
+def _model(seed=0):
+    return llama.init_weights(CFG, key=jax.random.key(seed), scale=0.2)
+
+
+def _calib(n=8, t=16, seed=1):
+    return np.random.default_rng(seed).integers(0, CFG.vocab_size, (n, t)).astype(np.int32)
+
+
+def _build(tmp_path, method="tyr", expectation=True, calib=None, name="s", **kw):
+    scfg = sn.SupernetConfig(method=method, expectation=expectation, min_step_channels=4, mlp_round_size=4, **kw)
+    plan = sn.LevelPlan.uniform_centres(CFG, scfg)
+    calib = _calib() if calib is None else calib
+    store = sn.SupernetStore(tmp_path / name, sn.fingerprint(CFG, scfg, plan, calib, "tiny", jnp.float32))
+    sn.build_supernet(_model(), CFG, calib, scfg, plan, store, batch_size=4, progress=False)
+    return store, plan, scfg
+
+
+def test_level_grid_is_centred_clipped_and_in_whole_units():
+    assert sn.level_removals(3, 0.5, 0.125, 9, 1) == (0, 0, 0, 1, 2, 3, 3, 3, 3)
+    assert sn.level_removals(1536, 0.5, 0.125, 9, 32) == tuple(range(0, 1537, 192))
+    assert sn.level_removals(100, 0.5, 0.0625, 5, 32) == (0, 18, 50, 82, 100)   # step 6.25 → at least 32
+    w = sn.expectation_weights((0, 1, 2, 3), 3)
+    np.testing.assert_allclose(w, np.array([3, 2, 1, 0]) / 6)
+    assert not sn.expectation_weights((3, 3), 3).any()
+    with pytest.raises(ValueError, match="target_sparsity"):
+        sn.SupernetConfig(target_sparsity=1.5)
+    with pytest.raises(ValueError, match="unknown pruner"):
+        sn.SupernetConfig(method="nope")
+
+
+def test_expectation_propagation_is_the_weighted_mean_of_the_copies(tmp_path):
+    """Eq. 5 against the model's own sublayers run once per stored copy."""
+    store, plan, _ = _build(tmp_path)
+    weights = _model()
+    blk, stored = weights.blocks[0], store.load_block(0)
+    x = llama.embed(weights, jnp.asarray(_calib()[:4]))
+    rope = llama.rope_tables(CFG, llama.default_positions(x[..., 0]))
+    # The propagation steps donate their input buffers: hand them copies.
+    got_mid = sn.propagate_attention(blk, stored["attn"], plan.attn[0], [jnp.array(x)], rope, CFG, True)[0]
+    got_out = sn.propagate_mlp(blk, stored["mlp"], plan.mlp[0], [jnp.array(got_mid)], CFG, True)[0]
+
+    def copy(level):  # the physically pruned block of one attention / MLP copy
+        a, m = stored["attn"][f"level_{level}"], stored["mlp"][f"level_{level}"]
+        small = llama.slice_block(blk, np.flatnonzero(a["keep"]), np.flatnonzero(m["keep"]))
+        o = jnp.asarray(a["w"]).reshape(-1, 2, 4, 24) if "w" in a else small.attn.o_kghd
+        down = jnp.asarray(m["w"]) if "w" in m else small.mlp.down_fd
+        return llama.Block(dataclasses.replace(small.attn, o_kghd=o), dataclasses.replace(small.mlp, down_fd=down))
+
+    w_attn, w_mlp = sn.expectation_weights(plan.attn[0], 3), sn.expectation_weights(plan.mlp[0], 40)
+    want_mid = sum(w * (x + llama.attention(copy(e).attn, x, CFG, rope)) for e, w in enumerate(w_attn))
+    want_out = sum(w * (want_mid + llama.mlp(copy(e).mlp, want_mid, CFG)) for e, w in enumerate(w_mlp))
+    np.testing.assert_allclose(np.asarray(got_mid), np.asarray(want_mid), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=1e-5)
+    # The ablation hands on the dense output instead, which differs.
+    dense = sn.propagate_attention(blk, stored["attn"], plan.attn[0], [jnp.array(x)], rope, CFG, False)[0]
+    np.testing.assert_allclose(np.asarray(dense), np.asarray(x + llama.attention(blk.attn, x, CFG, rope)), atol=1e-5)
+    assert not np.allclose(np.asarray(dense), np.asarray(got_mid), atol=1e-3)
+
+
+def test_copies_are_compact_and_exact_in_unit_counts(tmp_path):
+    store, plan, _ = _build(tmp_path)
+    for i in range(CFG.num_layers):
+        blk = store.load_block(i)
+        for e, removed in enumerate(plan.attn[i]):
+            entry = blk["attn"][f"level_{e}"]
+            assert entry["keep"].sum() == 3 - removed
+            assert ("w" in entry) == (removed < 3)
+            if "w" in entry:
+                assert entry["w"].shape == ((3 - removed) * 2 * 4, 24)
+        for e, removed in enumerate(plan.mlp[i]):
+            assert store.load_block(i)["mlp"][f"level_{e}"]["keep"].sum() == 40 - removed
+
+
+def test_killed_build_resumes_bit_identically(tmp_path, monkeypatch):
+    full, _, _ = _build(tmp_path, name="full")
+    save = sn.SupernetStore.save_block
+
+    def dies_at_block_2(self, i, tree):
+        if i == 2:
+            raise KeyboardInterrupt("killed")
+        save(self, i, tree)
+
+    monkeypatch.setattr(sn.SupernetStore, "save_block", dies_at_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path, name="resumed")
+    monkeypatch.setattr(sn.SupernetStore, "save_block", save)
+    before = (tmp_path / "resumed" / "block_000").stat().st_mtime_ns
+    resumed, _, _ = _build(tmp_path, name="resumed")
+    assert (tmp_path / "resumed" / "block_000").stat().st_mtime_ns == before    # not rebuilt
+    for i in range(CFG.num_layers):
+        a, b = full.load_block(i), resumed.load_block(i)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_mismatched_store_is_refused_and_left_untouched(tmp_path):
+    store, _, _ = _build(tmp_path)
+    meta = (store.root / "meta.json").read_text()
+    with pytest.raises(ValueError, match="calibration_sha256"):
+        _build(tmp_path, calib=_calib(seed=7))
+    with pytest.raises(ValueError, match="supernet"):
+        _build(tmp_path, method="magnitude")
+    assert (store.root / "meta.json").read_text() == meta
+    (store.root / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        _build(tmp_path)
+
+
+def test_assembled_model_equals_masked_model(tmp_path):
+    """With a pruner that does not touch weights, the assembled smaller model is the masked dense one."""
+    store, plan, scfg = _build(tmp_path, method="magnitude")
+    weights = _model()
+    levels = [4, 6, 8]
+    small, small_cfg = sn.assemble(weights, CFG, store, levels, levels)
+    keep = [store.load_block(i) for i in range(3)]
+    masks = llama.UnitMasks(
+        kv_lk=jnp.asarray(np.stack([k["attn"][f"level_{e}"]["keep"] for k, e in zip(keep, levels)]), jnp.float32),
+        mlp_lf=jnp.asarray(np.stack([k["mlp"][f"level_{e}"]["keep"] for k, e in zip(keep, levels)]), jnp.float32))
+    assert small_cfg.kv_groups == tuple(3 - plan.attn[i][e] for i, e in enumerate(levels))
+    tokens = _calib(2, 12, seed=3)
+    np.testing.assert_allclose(np.asarray(llama.forward(small, tokens, small_cfg)),
+                               np.asarray(llama.forward(weights, tokens, CFG, masks=masks)), atol=1e-5)
+    assert small_cfg.num_params() == sum(x.size for x in jax.tree.leaves(small))
+
+
+def test_flap_bias_compensation_is_stored_and_assembled(tmp_path):
+    store, _, _ = _build(tmp_path, method="flap")
+    assert "bias" in store.load_block(0)["mlp"]["level_4"]
+    small, small_cfg = sn.assemble(_model(), CFG, store, [4] * 3, [4] * 3)
+    assert small.blocks[0].mlp.down_bias_d is not None and small.blocks[0].attn.o_bias_d is not None
+    assert np.isfinite(np.asarray(llama.forward(small, _calib(1, 8), small_cfg))).all()

@@ -1,0 +1,123 @@
+"""The `tyr-jax` command line: thin wrappers that parse arguments and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model",
+                       description="Perplexity on a text (non-overlapping windows, first token of each "
+                                   "unscored) and/or zero-shot multiple-choice accuracy.")
+    p.add_argument("--model", required=True, help="HF directory, .gguf file or built-in name (smollm2-135m)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", help="a UTF-8 text file to score")
+    src.add_argument("--data", help="a built-in corpus: wiki-eval, wiki-calib or news")
+    p.add_argument("--seq-len", type=int, default=512, help="window length T (default 512)")
+    p.add_argument("--max-tokens", type=int, default=None, help="keep only the first N tokens of the text")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks, e.g. arc_easy,piqa (or 'all')")
+    p.add_argument("--limit", type=int, default=None, help="first K documents of each task")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--json", dest="json_out", default=None, help="write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> dict:
+    import jax.numpy as jnp
+
+    from tyr_jax.data import corpora, sampler
+    from tyr_jax.evaluation import perplexity as ppl_lib
+    from tyr_jax.loading import load_model
+
+    if args.text is None and args.data is None and args.tasks is None:
+        raise SystemExit("tyr-jax eval: nothing to do; pass --text FILE or --data NAME, and/or --tasks")
+    if args.seq_len < 2:
+        raise SystemExit(f"tyr-jax eval: --seq-len must be at least 2, got {args.seq_len}")
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model = load_model(args.model, dtype=dtype)
+    if model.tokenizer is None:
+        raise SystemExit(f"tyr-jax eval: {args.model} has no tokenizer.json; evaluation needs the tokenizer")
+    result: dict = {}
+    if args.text is not None or args.data is not None:
+        text = corpora.load_text(args.text if args.text is not None else args.data)
+        tokens = sampler.tokenize(model.tokenizer, text)
+        windows = sampler.token_windows(tokens, args.seq_len, args.max_tokens)
+        stats = ppl_lib.perplexity(model.weights, model.cfg, windows, batch_size=args.batch_size)
+        result.update({k: stats[k] for k in ("ppl", "tokens_scored", "seq_len", "windows")})
+        print(f"perplexity {stats['ppl']:.4f} over {stats['tokens_scored']} tokens "
+              f"({stats['windows']} windows of {stats['seq_len']})")
+    if args.tasks is not None:
+        result["zeroshot"] = _zeroshot(model, args.tasks, args.limit, args.batch_size)
+    if args.json_out:
+        path = pathlib.Path(args.json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return result
+
+
+def _zeroshot(model, tasks: str, limit, batch_size) -> dict:
+    import jax
+
+    from tyr_jax.evaluation import zeroshot
+    from tyr_jax.models import llama
+
+    names = zeroshot.TASKS if tasks == "all" else tuple(t.strip() for t in tasks.split(",") if t.strip())
+    # Weights are an argument, not a closed-over constant: constants make XLA compile for minutes.
+    logprobs = jax.jit(lambda w, tok, tgt: llama.token_logprobs(w, tok, tgt, model.cfg))
+    scores = zeroshot.evaluate(lambda tok, tgt: logprobs(model.weights, tok, tgt), model.tokenizer, names,
+                               limit=limit, batch_size=batch_size)
+    for name, s in scores.items():
+        print(f"{name:>14}: acc {s['acc']:.4f}  acc_norm {s['acc_norm']:.4f}  (n={s['n']})")
+    return scores
+
+
+def _add_supernet(sub):
+    p = sub.add_parser("supernet", help="build (or resume) the Týr supernet of a model",
+                       description="Prunes every sublayer at E sparsity levels with expectation error "
+                                   "accumulation and stores the copies with Orbax under OUT/supernet. "
+                                   "Re-running the same command resumes after the last finished block.")
+    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
+    p.add_argument("--out", default=None, help="output directory (overrides the config's out)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. supernet.target_sparsity=0.25")
+    p.set_defaults(func=cmd_supernet)
+
+
+def _run_config(args):
+    from tyr_jax.runconfig import load_run_config
+
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    return load_run_config(args.config, overrides)
+
+
+def cmd_supernet(args):
+    from tyr_jax.pipeline import run_supernet
+
+    rc = _run_config(args)
+    _, store, plan = run_supernet(rc)
+    print(f"supernet of {rc.model}: {store.num_blocks()} blocks × {len(plan.attn[0])} levels in {store.root}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tyr-jax", description="Structural pruning of Llama-family LLMs in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_eval(sub)
+    _add_supernet(sub)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"tyr-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The Týr-the-Pruner local pruner (ALGORITHMS.md §1.1): OBS with a first-order term, progressive rounds
+and a final exact refit.
+
+With H = XᵀX (fp32) and G = H W₀, for a unit g (its channel rows) the score is
+
+    score_g = Σ_ij W_g ⊙ [ (H⁻¹_gg)⁻¹ W_g / 2 + G_g ]                      (one channel: ‖W_p‖²/(2H⁻¹_pp) + G_p·W_p)
+
+and units are removed in rounds of `round_size` lowest scores P, each followed by the OBS update
+
+    W −= H⁻¹[:,P] (H⁻¹_PP)⁻¹ W_P ,   H⁻¹ −= H⁻¹[:,P] (H⁻¹_PP)⁻¹ H⁻¹[P,:] ,   W_P = 0 .
+
+Channels with diag(H) = 0 are dead and go first. The kept set K of every level is refit exactly,
+W_K = (H_KK)⁻¹ G_K (least squares to the dense output X W₀). Removal is greedy, so a level with r
+units removed is a prefix of a level with more: one pass along the removal path, snapshotting the
+kept set at each level, serves all levels, and H⁻¹ is factorised once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tyr_jax.pruning.base import LevelResult, SublayerStats, register, validate_removals
+
+
+def damped_hessian(hessian_ii, damp: float):
+    """H + damp · mean(diag H) · I (a tiny floor keeps an all-dead sublayer invertible)."""
+    diag_mean = jnp.mean(jnp.diagonal(hessian_ii))
+    eye = jnp.eye(hessian_ii.shape[0], dtype=jnp.float32)
+    return hessian_ii + (damp * diag_mean + 1e-10) * eye
+
+
+def _spd_inverse(a):
+    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), jnp.eye(a.shape[0], dtype=a.dtype))
+
+
+def unit_scores(w_io, hinv_ii, g_io, alive_u, dead_u, unit_size: int, *, first_order: bool = True,
+                hessian_term: bool = True):
+    """score_g for every unit (removed units +inf, dead units −inf)."""
+    num_units = w_io.shape[0] // unit_size
+    w = w_io.reshape(num_units, unit_size, -1)
+    score = jnp.zeros((num_units,), jnp.float32)
+    if hessian_term:
+        blocks = hinv_ii.reshape(num_units, unit_size, num_units, unit_size)
+        blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=0, axis2=2), -1, 0)   # [U, u, u]
+        eye = jnp.eye(unit_size, dtype=jnp.float32)
+        blocks = jnp.where(alive_u[:, None, None], blocks, eye)               # removed: any SPD block
+        if unit_size == 1:
+            solved = w / blocks
+        else:
+            solved = jax.vmap(lambda b, x: jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(b), x))(blocks, w)
+        score = score + 0.5 * jnp.sum(w * solved, axis=(1, 2))
+    if first_order:
+        score = score + jnp.sum(w * g_io.reshape(w.shape), axis=(1, 2))
+    score = jnp.where(dead_u, -jnp.inf, score)
+    return jnp.where(alive_u, score, jnp.inf)
+
+
+def _removal_schedule(targets: list[int], round_size: int) -> tuple[np.ndarray, list[int]]:
+    """Units removed in each round along the path to max(targets), and the round after which each
+    target count is reached (−1: before any round)."""
+    counts, done, snapshot = [], 0, []
+    for target in targets:
+        while done < target:
+            step = min(round_size, target - done)
+            counts.append(step)
+            done += step
+        snapshot.append(len(counts) - 1)
+    return np.asarray(counts, np.int32), snapshot
+
+
+@register("tyr")
+def tyr_prune(w_io, stats: SublayerStats, *, unit_size: int, removals: tuple[int, ...], damp: float = 0.01,
+              round_size: int = 1, first_order: bool = True, hessian_term: bool = True) -> LevelResult:
+    """Týr local pruning of one output projection at every removal count of `removals`.
+
+    Args:
+      w_io: dense output-projection weights [d_in, d_out].
+      stats: calibration statistics of its inputs (H = Σ xᵀx).
+      unit_size: channels per unit (G·H for a KV group, 1 for an MLP channel).
+      removals: units to remove, one pruned copy each (static).
+      damp: relative damping of H (ALGORITHMS.md §1.1 step 2).
+      round_size: units removed per progressive round (1 KV group, 16 channels in the paper).
+      first_order, hessian_term: keep the G and the OBS term of the score (ablations).
+    Returns:
+      LevelResult with refit weights (removed rows exactly 0) in the dtype of `w_io`.
+    """
+    d_in = w_io.shape[0]
+    num_units = d_in // unit_size
+    if d_in % unit_size:
+        raise ValueError(f"d_in {d_in} is not a multiple of unit_size {unit_size}")
+    validate_removals(num_units, removals)
+    if round_size < 1:
+        raise ValueError(f"round_size must be >= 1, got {round_size}")
+    with jax.default_matmul_precision("highest"):
+        return _tyr_prune(w_io, stats, unit_size, tuple(removals), damp, round_size, first_order, hessian_term)
+
+
+def _tyr_prune(w_io, stats, unit_size, removals, damp, round_size, first_order, hessian_term):
+    d_in = w_io.shape[0]
+    num_units = d_in // unit_size
+    w0 = w_io.astype(jnp.float32)
+    hessian = stats.hessian_ii.astype(jnp.float32)
+    g_io = hessian @ w0
+    hd = damped_hessian(hessian, damp)
+    dead_u = jnp.all((jnp.diagonal(hessian) == 0).reshape(num_units, unit_size), axis=1)
+
+    targets = sorted(set(removals))
+    round_counts, snapshot = _removal_schedule(targets, round_size)
+    alive0 = jnp.ones((num_units,), bool)
+
+    def one_round(carry, count):
+        w, hinv, alive = carry
+        score = unit_scores(w, hinv, g_io, alive, dead_u, unit_size, first_order=first_order,
+                            hessian_term=hessian_term)
+        _, picked = jax.lax.top_k(-score, min(round_size, num_units))    # lowest scores first
+        valid = jnp.arange(picked.shape[0]) < count
+        chans = (picked[:, None] * unit_size + jnp.arange(unit_size)).reshape(-1)
+        valid_c = jnp.repeat(valid, unit_size)
+        s_ip = jnp.where(valid_c[None, :], hinv[:, chans], 0.0)
+        a_pp = hinv[chans][:, chans]
+        a_pp = jnp.where(valid_c[:, None] & valid_c[None, :], a_pp, jnp.eye(chans.shape[0], dtype=jnp.float32))
+        rhs = jnp.where(valid_c[:, None], jnp.concatenate([w[chans], hinv[chans]], axis=1), 0.0)
+        coef = s_ip @ jnp.linalg.solve(a_pp, rhs)                      # H⁻¹[:,P] (H⁻¹_PP)⁻¹ [W_P | H⁻¹_P:]
+        w, hinv = w - coef[:, : w.shape[1]], hinv - coef[:, w.shape[1]:]
+        removed_u = jnp.zeros((num_units,), bool).at[picked].max(valid)
+        removed_c = jnp.repeat(removed_u, unit_size)
+        w = jnp.where(removed_c[:, None], 0.0, w)
+        hinv = jnp.where(removed_c[:, None] | removed_c[None, :], 0.0, hinv)
+        alive = alive & ~removed_u
+        return (w, hinv, alive), alive
+
+    if len(round_counts):
+        _, alive_ru = jax.lax.scan(one_round, (w0, _spd_inverse(hd), alive0), jnp.asarray(round_counts))
+        alive_ru = jnp.concatenate([alive0[None], alive_ru])
+    else:
+        alive_ru = alive0[None]
+    keep_tu = alive_ru[jnp.asarray(snapshot) + 1]                  # one row per distinct target
+    keep_eu = keep_tu[jnp.asarray([targets.index(r) for r in removals])]
+
+    def refit(keep_u):
+        """W_K = (H_KK)⁻¹ G_K with removed rows 0, as one SPD solve with identity on removed channels."""
+        m = jnp.repeat(keep_u, unit_size)
+        a = jnp.where(m[:, None] & m[None, :], hd, jnp.diag(jnp.where(m, 0.0, 1.0)))
+        rhs = jnp.where(m[:, None], g_io, 0.0)
+        return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), rhs)
+
+    w_tio = jax.lax.map(refit, keep_tu)
+    w_eio = w_tio[jnp.asarray([targets.index(r) for r in removals])]
+    return LevelResult(keep_eu=keep_eu, w_eio=w_eio.astype(w_io.dtype), bias_eo=None)

@@ -1,0 +1,109 @@
+"""Run configuration: YAML files (`configs/`) → frozen, self-validating dataclasses.
+
+A file has sections matching the dataclasses below; `key.sub=value` overrides from the command line
+are applied before validation. Unknown keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import typing
+from typing import Any
+
+import yaml
+
+from tyr_jax.supernet import SupernetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """N calibration sequences of T tokens, sampled from a corpus with a seeded key."""
+
+    corpus: str = "wiki-calib"
+    num_sequences: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_sequences < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError("calibration needs num_sequences >= 1, seq_len >= 2, batch_size >= 1")
+        if self.num_sequences % self.batch_size:
+            raise ValueError(f"calibration.num_sequences ({self.num_sequences}) must be a multiple of "
+                             f"calibration.batch_size ({self.batch_size})")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    corpus: str = "wiki-eval"
+    seq_len: int = 512
+    max_tokens: int | None = None
+    batch_size: int = 8
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: str = "smollm2-135m"
+    out: str = "runs/default"
+    dtype: str = "float32"
+    calibration: CalibrationConfig = CalibrationConfig()
+    supernet: SupernetConfig = SupernetConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{where}{k}' for k in unknown)}; "
+                         f"valid keys: {', '.join(f'{where}{k}' for k in fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}{name}.")
+        elif typing.get_origin(hint) is tuple or hint == tuple[str, ...]:
+            kwargs[name] = tuple(value.split(",") if isinstance(value, str) else value or ())
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad value in {where or 'config'}: {e}") from None
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Reads a YAML run config (or the defaults when `path` is None) and applies `key=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = pathlib.Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file {p} not found (the shipped configs are in configs/)")
+        tree = yaml.safe_load(p.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. supernet.target_sparsity=0.25)")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    return _build(RunConfig, tree, "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

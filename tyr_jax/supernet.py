@@ -1,0 +1,360 @@
+"""The Týr supernet (ALGORITHMS.md §1.2): E pruned copies of every sublayer, built block by block with
+expectation error accumulation, stored compactly with Orbax and resumable.
+
+For block ℓ the calibration activations X pass through the attention sublayer, whose output
+projection is pruned at E sparsities S_e; the activations handed on are the expectation over the copies
+
+    X_{ℓ+1} = Σ_e w_e X_{ℓ+1,e},   w_e = (1 − S_e) / Σ_e' (1 − S_e')                    (Eq. 5)
+
+which, the projection being linear, is one pass with the averaged weights W̄ = Σ_e w_e W_e. The MLP
+sublayer follows on those activations. `expectation=False` hands on the dense output instead (the
+ablation, and what the reference code does by accident).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from tyr_jax.models import llama
+from tyr_jax.models.config import ModelConfig
+from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
+
+
+@dataclasses.dataclass(frozen=True)
+class SupernetConfig:
+    """How the copies are made. Sparsities are fractions of a sublayer's units (KV groups, channels)."""
+
+    method: str = "tyr"
+    target_sparsity: float = 0.5           # centre level of every sublayer (first iteration)
+    step: float = 0.125                    # Δ between levels
+    num_levels: int = 9
+    min_step_kv_groups: int = 1
+    min_step_channels: int = 32
+    attn_round_size: int = 1               # units per progressive round (Týr only)
+    mlp_round_size: int = 16
+    damp: float = 0.01
+    expectation: bool = True               # Eq. 5; False propagates the dense output
+
+    def __post_init__(self):
+        if not 0.0 <= self.target_sparsity <= 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1], got {self.target_sparsity}")
+        if not 0.0 < self.step <= 1.0:
+            raise ValueError(f"step must be in (0, 1], got {self.step}")
+        if self.num_levels < 1 or self.num_levels % 2 == 0:
+            raise ValueError(f"num_levels must be odd and positive (levels centre ± k·step), got {self.num_levels}")
+        get_pruner(self.method)
+
+    def hparams(self, kind: str) -> dict:
+        if self.method != "tyr":
+            return {}
+        return {"damp": self.damp, "round_size": self.attn_round_size if kind == "attn" else self.mlp_round_size}
+
+
+def level_removals(num_units: int, centre: float, step: float, num_levels: int, min_step: int) -> tuple[int, ...]:
+    """Units removed at each level: centre ± e·step in whole units (step ≥ min_step), clipped to [0, U]."""
+    step_units = max(min(min_step, num_units), int(np.floor(step * num_units + 0.5)))
+    centre_units = int(np.floor(centre * num_units + 0.5))
+    half = num_levels // 2
+    return tuple(int(np.clip(centre_units + e * step_units, 0, num_units)) for e in range(-half, half + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelPlan:
+    """Removal counts of every sublayer: attn[l][e] KV groups and mlp[l][e] channels."""
+
+    attn: tuple[tuple[int, ...], ...]
+    mlp: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def uniform_centres(cls, cfg: ModelConfig, scfg: SupernetConfig, attn_centres=None, mlp_centres=None):
+        """Levels around per-sublayer centre sparsities (default: the target everywhere)."""
+        n = cfg.num_layers
+        attn_centres = attn_centres if attn_centres is not None else [scfg.target_sparsity] * n
+        mlp_centres = mlp_centres if mlp_centres is not None else [scfg.target_sparsity] * n
+        attn = tuple(level_removals(cfg.num_kv_heads, c, scfg.step, scfg.num_levels, scfg.min_step_kv_groups)
+                     for c in attn_centres)
+        mlp = tuple(level_removals(cfg.intermediate_size, c, scfg.step, scfg.num_levels, scfg.min_step_channels)
+                    for c in mlp_centres)
+        return cls(attn, mlp)
+
+
+def expectation_weights(removals: tuple[int, ...], num_units: int) -> np.ndarray:
+    """w_e = (1 − S_e) / Σ (1 − S_e'), all zero when every copy removes everything."""
+    keep = 1.0 - np.asarray(removals, np.float64) / num_units
+    return (keep / keep.sum() if keep.sum() > 0 else keep).astype(np.float32)
+
+
+# -- jitted steps ---------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=2)
+def _attn_stats(attn, x_btd, stats, rope, cfg):
+    ctx = llama.attention_context(attn, x_btd, cfg, rope)
+    return accumulate_stats(stats, ctx.reshape(-1, ctx.shape[2] * ctx.shape[3] * ctx.shape[4]))
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
+def _attn_apply(attn, x_btd, w_io, bias_d, rope, cfg):
+    """x + ctx · W (+ bias) with the given (averaged) output projection."""
+    ctx = llama.attention_context(attn, x_btd, cfg, rope)
+    out = jnp.einsum("btc,cd->btd", ctx.reshape(ctx.shape[:2] + (-1,)), w_io)
+    return x_btd + (out + bias_d).astype(x_btd.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=2)
+def _mlp_stats(mlp_w, x_btd, stats, cfg):
+    hidden = llama.mlp_hidden(mlp_w, x_btd, cfg)
+    return accumulate_stats(stats, hidden.reshape(-1, hidden.shape[-1]))
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
+def _mlp_apply(mlp_w, x_btd, w_io, bias_d, cfg):
+    hidden = llama.mlp_hidden(mlp_w, x_btd, cfg)
+    return x_btd + (jnp.einsum("btf,fd->btd", hidden, w_io) + bias_d).astype(x_btd.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "unit_size", "removals", "hparams"))
+def _prune_levels(w_io, stats, method, unit_size, removals, hparams):
+    return get_pruner(method)(w_io, stats, unit_size=unit_size, removals=removals, **dict(hparams))
+
+
+# -- compact copies -------------------------------------------------------------------------------
+
+
+def compact_levels(result, unit_size: int) -> dict:
+    """LevelResult → {"level_e": {"keep": bool[U], "w": kept rows, "bias"?}} on the host.
+
+    A copy with no unit left stores only its mask (Orbax cannot store empty arrays)."""
+    keep_eu = np.asarray(result.keep_eu)
+    out = {}
+    for e, keep in enumerate(keep_eu):
+        entry = {"keep": keep}
+        rows = np.flatnonzero(np.repeat(keep, unit_size))
+        if rows.size:  # gather on the device: only kept rows travel to the host
+            entry["w"] = np.asarray(result.w_eio[e][rows])
+        if result.bias_eo is not None:
+            entry["bias"] = np.asarray(result.bias_eo[e])
+        out[f"level_{e}"] = entry
+    return out
+
+
+def expand_level(entry: dict, unit_size: int, d_out: int, dtype) -> np.ndarray:
+    """A stored copy back to the full [d_in, d_out] projection with zero rows for removed units."""
+    rows = np.repeat(np.asarray(entry["keep"]), unit_size)
+    w = np.zeros((rows.size, d_out), dtype)
+    if "w" in entry:
+        w[rows] = np.asarray(entry["w"])
+    return w
+
+
+def averaged_projection(levels: dict, weights_e: np.ndarray, unit_size: int, d_out: int, dtype):
+    """W̄ = Σ_e w_e W_e and b̄ = Σ_e w_e b_e (fp32 on the host, in level order)."""
+    w_bar = np.zeros((len(levels["level_0"]["keep"]) * unit_size, d_out), np.float32)
+    b_bar = np.zeros((d_out,), np.float32)
+    for e, w_e in enumerate(weights_e):
+        entry = levels[f"level_{e}"]
+        w_bar += w_e * expand_level(entry, unit_size, d_out, np.float32)
+        if "bias" in entry:
+            b_bar += w_e * np.asarray(entry["bias"], np.float32)
+    return jnp.asarray(w_bar, dtype), jnp.asarray(b_bar, dtype)
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+class SupernetStore:
+    """A directory of Orbax checkpoints, one per block (`block_007/`), plus `meta.json`.
+
+    `meta.json` fingerprints what the copies depend on (model, calibration, levels, method); opening
+    a directory built with anything else is refused, never overwritten.
+    """
+
+    def __init__(self, root: str | pathlib.Path, fingerprint: dict):
+        self.root = pathlib.Path(root).absolute()  # Orbax wants absolute paths
+        self.fingerprint = fingerprint
+        meta = self.root / "meta.json"
+        if meta.exists():
+            try:
+                existing = json.loads(meta.read_text())
+            except json.JSONDecodeError:
+                raise ValueError(f"{meta} is corrupt; delete {self.root} to rebuild the supernet") from None
+            if existing != fingerprint:
+                diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
+                raise ValueError(f"{self.root} holds a supernet built with different {', '.join(diff)}; "
+                                 "use another output directory or delete it to rebuild")
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = meta.with_suffix(".tmp")
+            tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+            tmp.replace(meta)
+        self._ckpt = ocp.StandardCheckpointer()
+
+    def block_dir(self, i: int) -> pathlib.Path:
+        return self.root / f"block_{i:03d}"
+
+    def has_block(self, i: int) -> bool:
+        return (self.block_dir(i) / "_CHECKPOINT_METADATA").exists()
+
+    def save_block(self, i: int, tree: dict) -> None:
+        path = self.block_dir(i)
+        if path.exists():  # a leftover of a killed save of this very block
+            shutil.rmtree(path)
+        self._ckpt.save(path, tree)
+        self._ckpt.wait_until_finished()
+
+    def load_block(self, i: int) -> dict:
+        if not self.has_block(i):
+            raise FileNotFoundError(f"{self.block_dir(i)} is missing: the supernet is incomplete; run the "
+                                    "supernet build again to finish it")
+        tree = self._ckpt.restore(self.block_dir(i))
+        return jax.tree.map(np.asarray, tree)
+
+    def num_blocks(self) -> int:
+        return self.fingerprint["num_layers"]
+
+
+def fingerprint(cfg: ModelConfig, scfg: SupernetConfig, plan: LevelPlan, calib_tokens: np.ndarray,
+                model_name: str, dtype) -> dict:
+    return {
+        "model": model_name,
+        "model_config": cfg.to_hf(),
+        "num_layers": cfg.num_layers,
+        "dtype": jnp.dtype(dtype).name,
+        "calibration_sha256": hashlib.sha256(np.ascontiguousarray(calib_tokens, np.int32).tobytes()).hexdigest(),
+        "calibration_shape": list(calib_tokens.shape),
+        "supernet": dataclasses.asdict(scfg),
+        "levels": {"attn": [list(r) for r in plan.attn], "mlp": [list(r) for r in plan.mlp]},
+    }
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.ndarray, scfg: SupernetConfig,
+                   plan: LevelPlan, store: SupernetStore, *, batch_size: int = 8, progress: bool = True,
+                   data_sharding=None, timings: dict | None = None) -> SupernetStore:
+    """Builds (or finishes) every block's copies into `store`; finished blocks are replayed, not rebuilt.
+
+    `timings`, if given, accumulates seconds spent in the pruners (`prune_s`, copies to the host
+    included), in Orbax writes (`save_s`) and in total (`total_s`)."""
+    timings = {} if timings is None else timings
+    for name in ("prune_s", "save_s", "total_s"):
+        timings.setdefault(name, 0.0)
+    if cfg.is_pruned:
+        raise ValueError("the supernet is built from the dense model; got a model with pruned layer sizes")
+    d, g, h = cfg.hidden_size, cfg.q_per_kv, cfg.head_dim
+    calib_tokens = np.asarray(calib_tokens, np.int32)
+    chunks = [calib_tokens[i: i + batch_size] for i in range(0, len(calib_tokens), batch_size)]
+    if len(chunks[-1]) != batch_size:
+        raise ValueError(f"{len(calib_tokens)} calibration sequences do not split into batches of {batch_size}")
+    put = (lambda a: jax.device_put(a, data_sharding)) if data_sharding is not None else jnp.asarray
+    rope = llama.rope_tables(cfg, llama.default_positions(put(chunks[0])))
+    xs = [llama.embed(weights, put(c)) for c in chunks]
+    bar = tqdm(range(cfg.num_layers), desc="supernet", unit="block", disable=not progress)
+    for i in bar:
+        start = time.perf_counter()
+        blk = weights.blocks[i]
+        stored = store.load_block(i) if store.has_block(i) else {}
+        # Attention: statistics of the o_proj inputs, copies, then hand on the expectation.
+        attn_unit = g * h
+        if "attn" not in stored:
+            stats = SublayerStats.zeros(cfg.num_kv_heads * attn_unit)
+            for x in xs:
+                stats = _attn_stats(blk.attn, x, stats, rope, cfg)
+            t0 = time.perf_counter()
+            result = _prune_levels(blk.attn.o_kghd.reshape(-1, d), stats, scfg.method, attn_unit, plan.attn[i],
+                                   tuple(sorted(scfg.hparams("attn").items())))
+            stored["attn"] = compact_levels(result, attn_unit)
+            timings["prune_s"] += time.perf_counter() - t0
+        xs = propagate_attention(blk, stored["attn"], plan.attn[i], xs, rope, cfg, scfg.expectation)
+        # MLP, on the activations the attention sublayer handed on.
+        if "mlp" not in stored:
+            stats = SublayerStats.zeros(cfg.intermediate_size)
+            for x in xs:
+                stats = _mlp_stats(blk.mlp, x, stats, cfg)
+            t0 = time.perf_counter()
+            result = _prune_levels(blk.mlp.down_fd, stats, scfg.method, 1, plan.mlp[i],
+                                   tuple(sorted(scfg.hparams("mlp").items())))
+            stored["mlp"] = compact_levels(result, 1)
+            timings["prune_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            store.save_block(i, stored)
+            timings["save_s"] += time.perf_counter() - t0
+        xs = propagate_mlp(blk, stored["mlp"], plan.mlp[i], xs, cfg, scfg.expectation)
+        jax.block_until_ready(xs)
+        timings["total_s"] += time.perf_counter() - start
+        bar.set_postfix(block_s=f"{time.perf_counter() - start:.1f}")
+    return store
+
+
+def propagate_attention(blk: llama.Block, levels: dict, removals, xs, rope, cfg: ModelConfig, expectation: bool):
+    """Hands on X + attn(X) with the expectation over the stored copies (Eq. 5), or dense."""
+    d = cfg.hidden_size
+    w_bar, b_bar = _propagation_weights(levels, blk.attn.o_kghd.reshape(-1, d), blk.attn.o_bias_d, removals,
+                                        cfg.num_kv_heads, cfg.q_per_kv * cfg.head_dim, expectation)
+    return [_attn_apply(blk.attn, x, w_bar, b_bar, rope, cfg) for x in xs]
+
+
+def propagate_mlp(blk: llama.Block, levels: dict, removals, xs, cfg: ModelConfig, expectation: bool):
+    """Hands on X + mlp(X) with the expectation over the stored copies (Eq. 5), or dense."""
+    w_bar, b_bar = _propagation_weights(levels, blk.mlp.down_fd, blk.mlp.down_bias_d, removals,
+                                        cfg.intermediate_size, 1, expectation)
+    return [_mlp_apply(blk.mlp, x, w_bar, b_bar, cfg) for x in xs]
+
+
+def _propagation_weights(levels, w_dense, bias_dense, removals, num_units, unit_size, expectation):
+    """(W̄, b̄) that hand on the expectation over copies, or the dense projection for the ablation."""
+    d_out = w_dense.shape[1]
+    zero_bias = jnp.zeros((d_out,), w_dense.dtype)
+    if not expectation:
+        return w_dense, zero_bias if bias_dense is None else bias_dense
+    w_bar, b_bar = averaged_projection(levels, expectation_weights(removals, num_units), unit_size, d_out,
+                                       w_dense.dtype)
+    return w_bar, b_bar if bias_dense is None else b_bar + bias_dense
+
+
+# -- assembling a model from chosen copies ----------------------------------------------------------
+
+
+def assemble(weights: llama.Weights, cfg: ModelConfig, store: SupernetStore, attn_level: list[int],
+             mlp_level: list[int]) -> tuple[llama.Weights, ModelConfig]:
+    """The physically smaller model that uses copy attn_level[l] / mlp_level[l] of every sublayer."""
+    g, h, d = cfg.q_per_kv, cfg.head_dim, cfg.hidden_size
+    blocks, kv_sizes, mlp_sizes = [], [], []
+    for i, blk in enumerate(weights.blocks):
+        stored = store.load_block(i)
+        a, m = stored["attn"][f"level_{attn_level[i]}"], stored["mlp"][f"level_{mlp_level[i]}"]
+        kv_keep, mlp_keep = np.flatnonzero(a["keep"]), np.flatnonzero(m["keep"])
+        small = llama.slice_block(blk, kv_keep, mlp_keep)
+        dtype = blk.attn.o_kghd.dtype
+        o = jnp.asarray(a["w"], dtype).reshape(-1, g, h, d) if "w" in a else small.attn.o_kghd
+        down = jnp.asarray(m["w"], dtype) if "w" in m else small.mlp.down_fd
+        attn = dataclasses.replace(small.attn, o_kghd=o, o_bias_d=_add_bias(small.attn.o_bias_d, a.get("bias"), d, dtype))
+        mlp_w = dataclasses.replace(small.mlp, down_fd=down,
+                                    down_bias_d=_add_bias(small.mlp.down_bias_d, m.get("bias"), d, dtype))
+        blocks.append(llama.Block(attn=attn, mlp=mlp_w))
+        kv_sizes.append(len(kv_keep))
+        mlp_sizes.append(len(mlp_keep))
+    new_cfg = cfg.with_layer_sizes(kv_sizes, mlp_sizes)
+    if any(b.attn.o_bias_d is not None for b in blocks) and not new_cfg.o_bias:
+        new_cfg = dataclasses.replace(new_cfg, o_bias=True)
+    return dataclasses.replace(weights, blocks=blocks), new_cfg
+
+
+def _add_bias(bias, extra, d, dtype):
+    if extra is None:
+        return bias
+    extra = jnp.asarray(extra, dtype)
+    return extra if bias is None else bias + extra

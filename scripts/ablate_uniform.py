@@ -11,7 +11,6 @@ Pre-tokenized `--calib-tokens` / `--eval-tokens` (.npy) let it run where the cor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import time
@@ -22,16 +21,16 @@ import numpy as np
 from tyr_jax.evaluation.perplexity import perplexity
 from tyr_jax.loading import load_model
 from tyr_jax.pipeline import calibration_tokens, evaluate_levels, run_supernet
-from tyr_jax.runconfig import CalibrationConfig, RunConfig, load_run_config
+from tyr_jax.runconfig import CalibrationConfig, load_run_config
 from tyr_jax.data import corpora, sampler
 
-VARIANTS = {  # name → supernet overrides ("mlp_rounds" becomes a round size for the model's MLP width)
-    "tyr": {"method": "tyr", "expectation": True},
-    "tyr-16-rounds": {"method": "tyr", "expectation": True, "mlp_rounds": 16},
-    "tyr-dense-propagation": {"method": "tyr", "expectation": False},
-    "wanda_sp": {"method": "wanda_sp", "expectation": True},
-    "flap": {"method": "flap", "expectation": True},
-    "magnitude": {"method": "magnitude", "expectation": True},
+VARIANTS = {  # name → (method, supernet overrides); "mlp_rounds" becomes a round size for the MLP width
+    "tyr": ("uniform", {}),
+    "tyr-16-rounds": ("uniform", {"mlp_rounds": 16}),
+    "tyr-dense-propagation": ("uniform", {"expectation": False}),
+    "wanda_sp": ("wanda_sp", {}),
+    "flap": ("flap", {}),
+    "magnitude": ("magnitude", {}),
 }
 
 
@@ -60,10 +59,10 @@ def main():
     print(f"dense: ppl {dense['ppl']:.3f} on {dense['tokens_scored']} tokens; calibration {calib.shape}")
     for sparsity in map(float, args.sparsities.split(",")):
         for name in args.variants.split(","):
-            variant = dict(VARIANTS[name])
+            method, variant = VARIANTS[name][0], dict(VARIANTS[name][1])
             if "mlp_rounds" in variant:  # the reference code's schedule: a fixed number of rounds
                 variant["mlp_round_size"] = -(-model.cfg.intermediate_size // variant.pop("mlp_rounds"))
-            overrides = [f"supernet.{k}={v}" for k, v in variant.items()]
+            overrides = [f"method={method}"] + [f"supernet.{k}={v}" for k, v in variant.items()]
             overrides += [f"supernet.target_sparsity={sparsity}", f"model={args.model}",
                           f"out={out / f'{name}-{sparsity}'}", f"calibration.num_sequences={len(calib)}",
                           f"calibration.seq_len={calib.shape[1]}"]

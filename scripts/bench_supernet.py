@@ -64,7 +64,7 @@ def main():
     results = {"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
                "matmul_ceiling_tflops": matmul_ceiling()}
     scfg = SupernetConfig(mlp_round_size=args.block_mlp_round_size)
-    plan = LevelPlan.uniform_centres(cfg, scfg)
+    plan = LevelPlan.centred(cfg, scfg)
     d, f = cfg.hidden_size, cfg.intermediate_size
     key = jax.random.key(0)
     for rs in map(int, args.mlp_round_sizes.split(",")):

@@ -1,6 +1,5 @@
 """Logits of our Flax-free pure-JAX decoder against transformers' PyTorch models, fp32, within 1e-4."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +189,13 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     st.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
         load_hf_dir(tmp_path)
+
+
+def test_sharded_checkpoint_with_index_loads(tmp_path):
+    model = _hf_model("qwen2_qkv_bias")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    cfg, weights = load_hf_dir(tmp_path)
+    tokens = _tokens()
+    np.testing.assert_allclose(np.asarray(llama.forward(weights, tokens, cfg)), _hf_logits(model, tokens),
+                               atol=1e-4, rtol=0)

@@ -103,11 +103,35 @@ def cmd_supernet(args):
     print(f"supernet of {rc.model}: {store.num_blocks()} blocks × {len(plan.attn[0])} levels in {store.root}")
 
 
+def _add_prune(sub):
+    p = sub.add_parser("prune", help="prune a model: calibration, supernet, search, export, evaluation",
+                       description="The whole pipeline; re-running the same command resumes it. Writes "
+                                   "OUT/model (the smaller model), OUT/summary.json and PNG plots.")
+    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
+    p.add_argument("--out", default=None, help="output directory (overrides the config's out)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=flap search.generations=10")
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args):
+    from tyr_jax.pipeline import run_prune
+
+    rc = _run_config(args)
+    s = run_prune(rc)
+    p = s["params"]
+    print(f"{rc.method}: {p['prunable_pruned'] / p['prunable_dense']:.1%} of the prunable parameters kept; "
+          f"perplexity {s['ppl']['dense']:.3f} → {s['ppl']['pruned']:.3f} on {s['ppl']['text']}")
+    for task, acc in s["zeroshot"]["pruned"].items():
+        print(f"{task:>14}: acc_norm {s['zeroshot']['dense'][task]:.4f} → {acc:.4f}")
+    print(f"wrote {rc.out}/model, {rc.out}/summary.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tyr-jax", description="Structural pruning of Llama-family LLMs in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
     _add_supernet(sub)
+    _add_prune(sub)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:

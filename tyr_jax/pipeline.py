@@ -41,7 +41,7 @@ def run_supernet(rc: RunConfig, model: LoadedModel | None = None, *, calib: np.n
         if model.tokenizer is None:
             raise ValueError(f"{rc.model} has no tokenizer; calibration text cannot be tokenized")
         calib = calibration_tokens(model.tokenizer, rc.calibration)
-    plan = LevelPlan.uniform_centres(model.cfg, rc.supernet)
+    plan = LevelPlan.centred(model.cfg, rc.supernet)
     out = pathlib.Path(rc.out)
     store = SupernetStore(out / "supernet", fingerprint(model.cfg, rc.supernet, plan, calib, rc.model,
                                                         model.weights.embed_vd.dtype))
@@ -58,3 +58,112 @@ def evaluate_levels(model: LoadedModel, store: SupernetStore, attn_level, mlp_le
     stats = perplexity(weights, cfg, windows, batch_size=batch_size, progress=progress)
     return {"ppl": stats["ppl"], "tokens_scored": stats["tokens_scored"], "params": cfg.num_params(),
             "kv_groups": list(cfg.kv_groups), "mlp_widths": list(cfg.mlp_widths)}
+
+
+def prunable_params(weights) -> int:
+    """Parameters of all attention and MLP sublayers (projections and their biases; norms excluded)."""
+    total = 0
+    for blk in weights.blocks:
+        for sub in (blk.attn, blk.mlp):
+            total += sum(getattr(sub, f).size for f in vars(sub) if f != "norm_d" and getattr(sub, f) is not None)
+    return total
+
+
+def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool) -> dict:
+    stats = perplexity(weights, cfg, windows, batch_size=rc.eval.batch_size, progress=progress)
+    result = {"ppl": stats["ppl"], "tokens_scored": stats["tokens_scored"], "seq_len": stats["seq_len"]}
+    if rc.eval.tasks:
+        from tyr_jax.evaluation import zeroshot
+        from tyr_jax.models import llama
+
+        logprobs = jax.jit(lambda w, tok, tgt: llama.token_logprobs(w, tok, tgt, cfg))
+        scores = zeroshot.evaluate(lambda tok, tgt: logprobs(weights, tok, tgt), tokenizer, rc.eval.tasks,
+                                   limit=rc.eval.limit, batch_size=rc.eval.batch_size, progress=progress)
+        result["zeroshot"] = {task: s["acc_norm"] for task, s in scores.items()}
+    return result
+
+
+def _cached_json(path: pathlib.Path, key: dict, compute):
+    """compute() once per `key`: a re-run (resume) reuses the saved result."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["value"]
+    value = compute()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}))
+    tmp.replace(path)
+    return value
+
+
+def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
+    """Calibration → supernet(s) → search (coarse-to-fine) → export → evaluation; resumable."""
+    import dataclasses
+    import time
+
+    from tyr_jax import plots, search
+    from tyr_jax.export import export_model
+    from tyr_jax.supernet import LevelPlan, SupernetStore, assemble, build_supernet, fingerprint
+
+    start = time.perf_counter()
+    out = pathlib.Path(rc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps(to_dict(rc), indent=1))
+    model = load_model(rc.model, dtype=model_dtype(rc))
+    if model.tokenizer is None:
+        raise ValueError(f"{rc.model} has no tokenizer; calibration and evaluation text cannot be tokenized")
+    cfg, dtype = model.cfg, model.weights.embed_vd.dtype
+    calib = calibration_tokens(model.tokenizer, rc.calibration)
+    num_levels = rc.supernet.num_levels
+    centres, history = (None, None), []
+    iterations = rc.search.iterations if rc.searches else 1
+    for t in range(iterations):
+        scfg = dataclasses.replace(rc.supernet, step=search.step_for_iteration(rc.supernet.step, t))
+        plan = LevelPlan.centred(cfg, scfg, *centres)
+        store = SupernetStore(out / f"iteration_{t}" / "supernet",
+                              fingerprint(cfg, scfg, plan, calib, rc.model, dtype))
+        print(f"iteration {t + 1}/{iterations}: supernet with Δ = {scfg.step:.4%}")
+        build_supernet(model.weights, cfg, calib, scfg, plan, store, batch_size=rc.calibration.batch_size,
+                       progress=progress)
+        best = np.full((2, cfg.num_layers), num_levels // 2, np.int32)
+        if rc.searches:
+            if t == 0:
+                pool_tokens = sampler.sample_windows(
+                    sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus)),
+                    rc.search.pool_sequences, rc.search.seq_len, key=jax.random.key(rc.calibration.seed + 1))
+                pool = search.FitnessPool(model.weights, cfg, pool_tokens, rc.search, progress)
+            bank = search.load_bank(store, cfg, num_levels, dtype)
+            best, hist = search.run_search(model.weights, cfg, plan, bank, pool, rc.search,
+                                           out / f"iteration_{t}" / "search", iteration=t, progress=progress)
+            del bank
+            history.append([float(h) for h in hist])
+            centres = search.removal_fractions(plan, best, cfg)
+    weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
+    # The run owns OUT/model: a resumed run rewrites the same model.
+    report = export_model(weights, pruned_cfg, out / "model", tokenizer=model.tokenizer, overwrite=True)
+    windows = eval_windows(model.tokenizer, rc)
+    eval_key = {"model": rc.model, "dtype": rc.dtype, "eval": to_dict(rc.eval)}
+    dense = _cached_json(out / "dense_eval.json", eval_key,
+                         lambda: _evaluate(model.weights, cfg, model.tokenizer, rc, windows, progress))
+    pruned = _evaluate(weights, pruned_cfg, model.tokenizer, rc, windows, progress)
+    per_layer = [{"layer": i, "kv_groups_kept": int(pruned_cfg.layer_kv_groups(i)),
+                  "mlp_channels_kept": int(pruned_cfg.layer_mlp_width(i))} for i in range(cfg.num_layers)]
+    summary = {
+        "method": rc.method, "model": rc.model, "target_sparsity": rc.supernet.target_sparsity,
+        "params": {"dense": int(sum(x.size for x in jax.tree.leaves(model.weights))),
+                   "pruned": int(sum(x.size for x in jax.tree.leaves(weights))),
+                   "prunable_dense": prunable_params(model.weights), "prunable_pruned": prunable_params(weights)},
+        "ppl": {"dense": dense["ppl"], "pruned": pruned["ppl"], "text": rc.eval.corpus, "seq_len": rc.eval.seq_len,
+                "tokens_scored": pruned["tokens_scored"]},
+        "zeroshot": {"dense": dense.get("zeroshot", {}), "pruned": pruned.get("zeroshot", {})},
+        "per_layer": per_layer,
+        "search_history": history,
+        "export": report,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plots.plot_layers(per_layer, cfg.num_kv_heads, cfg.intermediate_size, out / "per_layer.png",
+                      f"{rc.method} on {rc.model}: kept per layer")
+    if history:
+        plots.plot_fitness(history, out / "fitness.png")
+    return summary

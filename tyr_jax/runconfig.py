@@ -13,7 +13,12 @@ from typing import Any
 
 import yaml
 
+from tyr_jax.search import SearchConfig
 from tyr_jax.supernet import SupernetConfig
+
+# `method:` → the local pruner that builds the copies, and whether a global search follows.
+METHODS = {"tyr": ("tyr", True), "uniform": ("tyr", False), "flap": ("flap", False),
+           "wanda_sp": ("wanda_sp", False), "magnitude": ("magnitude", False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,8 @@ class CalibrationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    """Held-out perplexity (`corpus`, windows of `seq_len`) and zero-shot `tasks` (first `limit` docs)."""
+
     corpus: str = "wiki-eval"
     seq_len: int = 512
     max_tokens: int | None = None
@@ -48,14 +55,24 @@ class EvalConfig:
 class RunConfig:
     model: str = "smollm2-135m"
     out: str = "runs/default"
+    method: str = "tyr"
     dtype: str = "float32"
     calibration: CalibrationConfig = CalibrationConfig()
     supernet: SupernetConfig = SupernetConfig()
+    search: SearchConfig = SearchConfig()
     eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        # The pruner follows from `method`; `supernet.method` is not a second place to set it.
+        object.__setattr__(self, "supernet", dataclasses.replace(self.supernet, method=METHODS[self.method][0]))
+
+    @property
+    def searches(self) -> bool:
+        return METHODS[self.method][1] and self.search.iterations > 0
 
 
 def _build(cls, values: dict, where: str):
@@ -102,6 +119,9 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
             raise ValueError(f"override {item!r} is not key=value (e.g. supernet.target_sparsity=0.25)")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(raw))
+    if isinstance(tree.get("supernet"), dict) and "method" in tree["supernet"]:
+        raise ValueError("supernet.method is not a config key: the pruner follows from the top-level "
+                         f"`method:` ({', '.join(METHODS)})")
     return _build(RunConfig, tree, "")
 
 

@@ -36,7 +36,7 @@ from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
 class SupernetConfig:
     """How the copies are made. Sparsities are fractions of a sublayer's units (KV groups, channels)."""
 
-    method: str = "tyr"
+    method: str = "tyr"                    # the local pruner (a run config sets it from its `method`)
     target_sparsity: float = 0.5           # centre level of every sublayer (first iteration)
     step: float = 0.125                    # Δ between levels
     num_levels: int = 9
@@ -70,6 +70,15 @@ def level_removals(num_units: int, centre: float, step: float, num_levels: int, 
     return tuple(int(np.clip(centre_units + e * step_units, 0, num_units)) for e in range(-half, half + 1))
 
 
+def balanced_centres(num_layers: int, num_units: int, sparsity: float) -> list[float]:
+    """Per-layer sparsities whose removed units add up to round(sparsity · L · U) exactly, as even as
+    whole units allow (3 KV groups at 50% over 30 layers: 15 layers lose 1, 15 lose 2)."""
+    total = int(np.floor(sparsity * num_layers * num_units + 0.5))
+    base, extra = divmod(total, num_layers)
+    more = set(np.floor((np.arange(extra) + 0.5) * num_layers / extra).astype(int)) if extra else set()
+    return [(base + (i in more)) / num_units for i in range(num_layers)]
+
+
 @dataclasses.dataclass(frozen=True)
 class LevelPlan:
     """Removal counts of every sublayer: attn[l][e] KV groups and mlp[l][e] channels."""
@@ -78,11 +87,13 @@ class LevelPlan:
     mlp: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def uniform_centres(cls, cfg: ModelConfig, scfg: SupernetConfig, attn_centres=None, mlp_centres=None):
-        """Levels around per-sublayer centre sparsities (default: the target everywhere)."""
+    def centred(cls, cfg: ModelConfig, scfg: SupernetConfig, attn_centres=None, mlp_centres=None):
+        """Levels around per-sublayer centre sparsities (default: the target, balanced over layers)."""
         n = cfg.num_layers
-        attn_centres = attn_centres if attn_centres is not None else [scfg.target_sparsity] * n
-        mlp_centres = mlp_centres if mlp_centres is not None else [scfg.target_sparsity] * n
+        if attn_centres is None:
+            attn_centres = balanced_centres(n, cfg.num_kv_heads, scfg.target_sparsity)
+        if mlp_centres is None:
+            mlp_centres = balanced_centres(n, cfg.intermediate_size, scfg.target_sparsity)
         attn = tuple(level_removals(cfg.num_kv_heads, c, scfg.step, scfg.num_levels, scfg.min_step_kv_groups)
                      for c in attn_centres)
         mlp = tuple(level_removals(cfg.intermediate_size, c, scfg.step, scfg.num_levels, scfg.min_step_channels)
@@ -350,6 +361,8 @@ def assemble(weights: llama.Weights, cfg: ModelConfig, store: SupernetStore, att
     new_cfg = cfg.with_layer_sizes(kv_sizes, mlp_sizes)
     if any(b.attn.o_bias_d is not None for b in blocks) and not new_cfg.o_bias:
         new_cfg = dataclasses.replace(new_cfg, o_bias=True)
+    if any(b.mlp.down_bias_d is not None for b in blocks) and not (new_cfg.mlp_bias or new_cfg.down_bias):
+        new_cfg = dataclasses.replace(new_cfg, down_bias=True)
     return dataclasses.replace(weights, blocks=blocks), new_cfg
 
 

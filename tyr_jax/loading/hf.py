@@ -21,7 +21,7 @@ import numpy as np
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Attention, Block, Mlp, Weights, abstract_weights
 
-_DTYPES = {
+DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
@@ -61,7 +61,7 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         info = self.header[name]
-        dtype = _DTYPES.get(info["dtype"])
+        dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, stop = info["data_offsets"]
@@ -114,6 +114,7 @@ def _hf_layer_tensors(cfg: ModelConfig, i: int) -> dict[str, tuple[str, Callable
     if cfg.mlp_bias:
         table["mlp.gate_bias_f"] = (pre + "mlp.gate_proj.bias", lambda w: w)
         table["mlp.up_bias_f"] = (pre + "mlp.up_proj.bias", lambda w: w)
+    if cfg.mlp_bias or cfg.down_bias:
         table["mlp.down_bias_d"] = (pre + "mlp.down_proj.bias", lambda w: w)
     return table
 
@@ -176,8 +177,11 @@ def weights_from_hf(cfg: ModelConfig, tensors: Mapping[str, Callable[[], np.ndar
               for i in range(cfg.num_layers)]
     weights = build(_global_tensors(cfg), expected, shardings,
                     lambda values: Weights(blocks=blocks, **values))
+    # All-zero biases the config does not use are exact no-ops; exports write them where transformers'
+    # Llama (biases on all of q/k/v/o or none, on all of gate/up/down or none) needs them.
     extra = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_TENSOR_SUFFIXES)
-                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+                   and not (cfg.tie_word_embeddings and n == "lm_head.weight")
+                   and not (n.endswith("_proj.bias") and not np.any(tensors[n]())))
     if extra:
         raise ValueError(f"checkpoint has {len(extra)} tensor(s) the config does not explain, e.g. {extra[0]}; "
                          "it is not a plain Llama-family checkpoint with this config.json")

@@ -31,6 +31,8 @@ _INERT_HF_KEYS = frozenset({
     "mlp_only_layers", "rope_interleaved",
 })
 _ROPE_TYPES = ("default", "linear", "llama3")
+# Projections that may carry a bias, as `tyr_biases` in config.json names them.
+_BIAS_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,8 @@ class ModelConfig:
     `kv_groups` and `mlp_widths` give per-layer sizes for pruned models (None: every layer dense).
     A KV group is one key/value head together with its `num_heads // num_kv_heads` query heads;
     a layer with 0 KV groups (or 0 MLP channels) has that sublayer removed: a residual pass-through.
+    `o_bias` may be set without `qkv_bias`, and `down_bias` is a down_proj bias without gate/up biases
+    (`mlp_bias` gives all three): the compensation biases that FLAP-style pruning adds.
     """
 
     vocab_size: int
@@ -76,6 +80,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    down_bias: bool = False
     sliding_window: int | None = None
     kv_groups: tuple[int, ...] | None = None
     mlp_widths: tuple[int, ...] | None = None
@@ -92,6 +97,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.mlp_bias and self.down_bias:
+            raise ValueError("down_bias is a down_proj bias without gate/up biases; mlp_bias already has one")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not a Llama-family architecture "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -142,11 +149,18 @@ class ModelConfig:
     def mlp_params(self, width: int) -> int:
         """Parameters of one MLP sublayer with `width` intermediate channels (norm excluded)."""
         d = self.hidden_size
-        return width * (3 * d + (2 if self.mlp_bias else 0)) + (d if self.mlp_bias and width else 0)
+        down_bias = self.mlp_bias or self.down_bias
+        return width * (3 * d + (2 if self.mlp_bias else 0)) + (d if down_bias and width else 0)
 
     def layer_params(self, layer: int) -> int:
         return (2 * self.hidden_size + self.attention_params(self.layer_kv_groups(layer)) +
                 self.mlp_params(self.layer_mlp_width(layer)))
+
+    def bias_projections(self) -> list[str]:
+        """Names of the projections that carry a bias (HF naming)."""
+        has = {"q_proj": self.qkv_bias, "k_proj": self.qkv_bias, "v_proj": self.qkv_bias, "o_proj": self.o_bias,
+               "gate_proj": self.mlp_bias, "up_proj": self.mlp_bias, "down_proj": self.mlp_bias or self.down_bias}
+        return [p for p in _BIAS_PROJECTIONS if has[p]]
 
     # -- Hugging Face mapping -------------------------------------------------------------------
 
@@ -170,7 +184,11 @@ class ModelConfig:
         hidden = hf.pop("hidden_size")
         head_dim = hf.pop("head_dim", None) or hidden // num_heads
         attention_bias = bool(hf.pop("attention_bias", False))
-        qkv_bias = attention_bias or model_type == "qwen2"
+        qkv_bias, o_bias = attention_bias or model_type == "qwen2", attention_bias
+        mlp_bias, down_bias = bool(hf.pop("mlp_bias", False)), False
+        biases = hf.pop("tyr_biases", None)
+        if biases is not None:  # our exports: biases that the model type's own keys cannot say
+            qkv_bias, o_bias, mlp_bias, down_bias = _biases_from_names(biases)
         kv_groups = hf.pop("tyr_kv_groups", None)
         mlp_widths = hf.pop("tyr_mlp_widths", None)
         eos = hf.pop("eos_token_id", None)
@@ -186,8 +204,9 @@ class ModelConfig:
             rope=rope,
             tie_word_embeddings=bool(hf.pop("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            o_bias=attention_bias,
-            mlp_bias=bool(hf.pop("mlp_bias", False)),
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            down_bias=down_bias,
             sliding_window=sliding,
             kv_groups=None if kv_groups is None else tuple(kv_groups),
             mlp_widths=None if mlp_widths is None else tuple(mlp_widths),
@@ -204,7 +223,8 @@ class ModelConfig:
         return cfg
 
     def to_hf(self) -> dict[str, Any]:
-        """The HF `config.json` dict; pruned sizes are stored under `tyr_*` keys."""
+        """The HF `config.json` dict; pruned sizes and biases that the model type's own keys cannot
+        express (`o_proj` without q/k/v, `down_proj` alone, any bias on Mistral) go under `tyr_*` keys."""
         rope = {"rope_type": self.rope.rope_type, "rope_theta": self.rope.theta}
         if self.rope.rope_type == "linear":
             rope["factor"] = self.rope.factor
@@ -231,9 +251,16 @@ class ModelConfig:
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
         }
         if self.model_type == "llama":
-            out.update(attention_bias=self.o_bias, mlp_bias=self.mlp_bias)
+            out.update(attention_bias=self.qkv_bias or self.o_bias, mlp_bias=self.mlp_bias or self.down_bias)
         elif self.model_type == "qwen2":
             out.update(use_sliding_window=self.sliding_window is not None)
+            if self.sliding_window is not None:  # else transformers' max_window_layers default (28) applies
+                out["layer_types"] = ["sliding_attention"] * self.num_layers
+        own_keys_suffice = {"llama": self.qkv_bias == self.o_bias and not self.down_bias,
+                            "qwen2": self.bias_projections() == ["q_proj", "k_proj", "v_proj"],
+                            "mistral": not self.bias_projections()}
+        if not own_keys_suffice[self.model_type]:
+            out["tyr_biases"] = self.bias_projections()
         if self.sliding_window is not None or self.model_type == "mistral":
             out["sliding_window"] = self.sliding_window
         if self.kv_groups is not None:
@@ -241,6 +268,18 @@ class ModelConfig:
         if self.mlp_widths is not None:
             out["tyr_mlp_widths"] = list(self.mlp_widths)
         return out
+
+
+def _biases_from_names(names) -> tuple[bool, bool, bool, bool]:
+    """`tyr_biases` → (qkv_bias, o_bias, mlp_bias, down_bias); q/k/v and gate/up come in sets."""
+    names = set(names)
+    unknown = sorted(names - set(_BIAS_PROJECTIONS))
+    qkv, gate_up = names & {"q_proj", "k_proj", "v_proj"}, names & {"gate_proj", "up_proj"}
+    if unknown or len(qkv) not in (0, 3) or (gate_up and len(gate_up | names & {"down_proj"}) != 3):
+        raise ValueError(f"tyr_biases {sorted(names)} is not supported: biases come on q/k/v together, o_proj, "
+                         "gate/up/down together, or down_proj alone")
+    mlp = bool(gate_up)
+    return bool(qkv), "o_proj" in names, mlp, "down_proj" in names and not mlp
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:

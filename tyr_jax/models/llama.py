@@ -282,7 +282,7 @@ def abstract_weights(cfg: ModelConfig, dtype=jnp.bfloat16) -> Weights:
             v_bias_kh=s(k, h) if cfg.qkv_bias else None, o_bias_d=s(d) if cfg.o_bias else None)
         mlp_w = Mlp(norm_d=s(d), gate_df=s(d, f), up_df=s(d, f), down_fd=s(f, d),
                     gate_bias_f=s(f) if cfg.mlp_bias else None, up_bias_f=s(f) if cfg.mlp_bias else None,
-                    down_bias_d=s(d) if cfg.mlp_bias else None)
+                    down_bias_d=s(d) if cfg.mlp_bias or cfg.down_bias else None)
         blocks.append(Block(attn=attn, mlp=mlp_w))
     return Weights(embed_vd=s(v, d), blocks=blocks, final_norm_d=s(d),
                    lm_head_dv=None if cfg.tie_word_embeddings else s(d, v))

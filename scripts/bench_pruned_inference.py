@@ -1,0 +1,77 @@
+"""Inference speed of physically pruned Llama-3.1-8B-shaped models against the dense one, one device.
+
+Pruned models have a search-like, non-uniform distribution: the sparsity of layer l ramps linearly
+from s/2 (first layer) to 3s/2 (last), rounded to whole KV groups and MLP channels, so the average is
+the target s. Times: prefill of a prompt (time to first token) and greedy per-token decoding with a
+KV cache, random bf16 weights.
+
+    PYTHONPATH=.:scripts python scripts/bench_pruned_inference.py --json $OUT/inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench_forward import LLAMA31_8B, timed
+from tyr_jax.models import decode, llama
+from tyr_jax.pipeline import prunable_params
+
+
+def ramp_sizes(cfg, sparsity: float):
+    """Per-layer KV groups and MLP widths for a linear sparsity ramp averaging `sparsity`."""
+    ramp = sparsity * (0.5 + np.linspace(0.0, 1.0, cfg.num_layers))
+    kv = np.clip(np.round(cfg.num_kv_heads * (1 - ramp)), 0, cfg.num_kv_heads).astype(int)
+    mlp = np.clip(np.round(cfg.intermediate_size * (1 - ramp)), 0, cfg.intermediate_size).astype(int)
+    return kv, mlp
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsities", default="0,0.25,0.5")
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    prompt = jax.random.randint(jax.random.key(1), (args.batch, args.prompt), 0, LLAMA31_8B.vocab_size, jnp.int32)
+    rows = []
+    for s in map(float, args.sparsities.split(",")):
+        cfg = LLAMA31_8B if s == 0 else LLAMA31_8B.with_layer_sizes(*ramp_sizes(LLAMA31_8B, s))
+        weights = jax.jit(llama.init_weights, static_argnames=("cfg", "dtype"))(cfg, key=jax.random.key(0),
+                                                                                dtype=jnp.bfloat16)
+
+        @jax.jit
+        def ttft(w, p):
+            cache = decode.init_cache(w, p.shape[0], p.shape[1])
+            return decode.prefill(w, cache, p, cfg)[0]
+
+        gen = jax.jit(lambda w, p, n=args.new_tokens: decode.generate(w, p, cfg, n))
+        prefill_s = float(np.median(timed(ttft, weights, prompt, repeats=5)))
+        gen_s = float(np.median(timed(gen, weights, prompt, repeats=3)))
+        per_token = (gen_s - prefill_s) / args.new_tokens
+        rows.append({"sparsity": s, "prunable_params": prunable_params(weights),
+                     "params": int(sum(x.size for x in jax.tree.leaves(weights))),
+                     "prefill_s": prefill_s, "decode_s_per_token": per_token})
+        del weights
+        print(f"sparsity {s:.2f}: prefill {prefill_s * 1e3:.1f} ms, decode {per_token * 1e3:.2f} ms/token")
+    dense = rows[0]
+    for r in rows:
+        r["prunable_fraction_kept"] = r["prunable_params"] / dense["prunable_params"]
+        r["prefill_speedup"] = dense["prefill_s"] / r["prefill_s"]
+        r["decode_speedup"] = dense["decode_s_per_token"] / r["decode_s_per_token"]
+    result = {"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+              "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "rows": rows}
+    print(json.dumps(rows, indent=1))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

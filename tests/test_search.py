@@ -1,0 +1,102 @@
+"""The evolutionary search: budget-exact mutations, batched candidate evaluation, KL fitness, resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tyr_jax import search
+from tyr_jax import supernet as sn
+from tyr_jax.models import llama
+from tyr_jax.models.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=61, hidden_size=24, num_layers=3, num_heads=6, num_kv_heads=3, head_dim=4,
+                  intermediate_size=40)
+SCFG = search.SearchConfig(generations=3, offspring=6, stage_candidates=(4, 2), stage_tokens=(32, 64, 128),
+                           top_k=16, pool_sequences=16, seq_len=16, token_batch=2, candidate_batch=3)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    weights = llama.init_weights(CFG, key=jax.random.key(0), scale=0.2)
+    calib = np.random.default_rng(1).integers(0, CFG.vocab_size, (8, 16)).astype(np.int32)
+    scfg = sn.SupernetConfig(min_step_channels=4, mlp_round_size=4)
+    plan = sn.LevelPlan.centred(CFG, scfg)
+    store = sn.SupernetStore(tmp_path_factory.mktemp("s"), sn.fingerprint(CFG, scfg, plan, calib, "t", jnp.float32))
+    sn.build_supernet(weights, CFG, calib, scfg, plan, store, batch_size=4, progress=False)
+    bank = search.load_bank(store, CFG, 9, jnp.float32)
+    pool_tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (16, 16)).astype(np.int32)
+    pool = search.FitnessPool(weights, CFG, pool_tokens, SCFG, progress=False)
+    return weights, plan, store, bank, pool
+
+
+def test_mutations_keep_the_unit_budget_exactly():
+    # SmolLM2-like clipped attention levels (3 KV groups) next to a regular MLP grid.
+    plan = sn.LevelPlan(attn=(sn.level_removals(3, 0.5, 0.125, 9, 1),) * 5,
+                        mlp=(sn.level_removals(64, 0.5, 0.125, 9, 4),) * 5)
+    parent = np.full((2, 5), 4, np.int32)
+    rng = np.random.default_rng(0)
+    kids = search.mutate(parent, plan, rng, 50, 4)
+    assert len({k.tobytes() for k in kids}) == len(kids) and not any((k == parent).all() for k in kids)
+    assert kids.min() >= 0 and kids.max() <= 8
+    for k in kids:
+        assert search.unit_counts(plan, *k) == search.unit_counts(plan, *parent)
+
+
+def test_candidate_logits_equal_the_assembled_model(setup):
+    weights, plan, store, bank, _ = setup
+    levels = np.array([[0, 5, 8], [3, 4, 6]], np.int32)
+    small, small_cfg = sn.assemble(weights, CFG, store, list(levels[0]), list(levels[1]))
+    tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 10)).astype(np.int32)
+    got = search.candidate_logits(weights, bank, jnp.asarray(levels[0]), jnp.asarray(levels[1]), tokens, CFG)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(llama.forward(small, tokens, small_cfg)), atol=1e-5)
+
+
+def test_topk_kl_matches_numpy_and_vanishes_for_the_dense_model(setup):
+    weights, *_ = setup
+    tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 10)).astype(np.int32)
+    idx, logp = search.dense_topk(weights, tokens, CFG, 16)
+    dense = llama.forward(weights, tokens, CFG)
+    assert float(search.topk_kl(dense, idx, logp)) == pytest.approx(0.0, abs=1e-5)
+    other = np.asarray(dense) + np.random.default_rng(5).normal(size=dense.shape)
+    pick = np.take_along_axis(other[:, :-1], np.asarray(idx), -1)
+    logq = pick - np.log(np.exp(pick - pick.max(-1, keepdims=True)).sum(-1, keepdims=True)) - pick.max(-1, keepdims=True)
+    p = np.exp(np.asarray(logp, np.float64))
+    want = np.sum(p * (np.asarray(logp) - logq))
+    assert float(search.topk_kl(jnp.asarray(other, jnp.float32), idx, logp)) == pytest.approx(want, rel=1e-4)
+
+
+def test_search_is_deterministic_budget_exact_and_resumes(setup, tmp_path, monkeypatch):
+    weights, plan, _, bank, pool = setup
+    best, hist = search.run_search(weights, CFG, plan, bank, pool, SCFG, tmp_path / "a", progress=False)
+    assert len(hist) == 3 and search.unit_counts(plan, *best) == search.unit_counts(plan, *np.full((2, 3), 4))
+    again, hist2 = search.run_search(weights, CFG, plan, bank, pool, SCFG, tmp_path / "b", progress=False)
+    np.testing.assert_array_equal(best, again)
+    assert hist == hist2
+    # Killed after the second generation, then run again: the same result.
+    step = search.generation_step
+    calls = []
+
+    def dies(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(search, "generation_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(weights, CFG, plan, bank, pool, SCFG, tmp_path / "c", progress=False)
+    monkeypatch.setattr(search, "generation_step", step)
+    assert ocp.CheckpointManager((tmp_path / "c").absolute()).latest_step() == 2
+    resumed, hist3 = search.run_search(weights, CFG, plan, bank, pool, SCFG, tmp_path / "c", progress=False)
+    np.testing.assert_array_equal(best, resumed)
+    assert hist3 == hist
+
+
+def test_offspring_are_evaluated_many_per_compiled_call(setup):
+    weights, plan, _, bank, pool = setup
+    kids = search.mutate(np.full((2, 3), 4, np.int32), plan, np.random.default_rng(0), 6, 4)
+    fit = search.evaluate(weights, bank, CFG, SCFG, pool, kids, np.arange(4))
+    one_by_one = [search.evaluate(weights, bank, CFG, SCFG, pool, k[None], np.arange(4))[0] for k in kids]
+    np.testing.assert_allclose(fit, one_by_one, rtol=1e-5)

@@ -1,0 +1,87 @@
+"""Autoregressive decoding with a key/value cache, for the pruned models' inference speed.
+
+Each layer keeps its own cache [B, S, K_l, H] (pruned layers have fewer KV groups; a removed
+attention sublayer has none). `prefill` runs the prompt and fills the caches; `decode_step` adds one
+token per sequence. Greedy `generate` is what the speed benchmark times.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tyr_jax.models import llama
+from tyr_jax.models.config import ModelConfig
+
+
+def _qkv(attn: llama.Attention, x_btd, cfg: ModelConfig, rope):
+    xn = llama.rms_norm(x_btd, attn.norm_d, cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dkgh->btkgh", xn, attn.q_dkgh)
+    k = jnp.einsum("btd,dkh->btkh", xn, attn.k_dkh)
+    v = jnp.einsum("btd,dkh->btkh", xn, attn.v_dkh)
+    if attn.q_bias_kgh is not None:
+        q, k, v = q + attn.q_bias_kgh, k + attn.k_bias_kh, v + attn.v_bias_kh
+    cos, sin = rope
+    return llama.apply_rope(q, cos, sin), llama.apply_rope(k, cos, sin), v
+
+
+def init_cache(weights: llama.Weights, batch: int, max_len: int):
+    """Zero caches: per layer (k, v) of [B, S, K_l, H]."""
+    return [(jnp.zeros((batch, max_len) + blk.attn.k_dkh.shape[1:], blk.attn.k_dkh.dtype),) * 2
+            for blk in weights.blocks]
+
+
+def _step(weights, cache, tokens_bt, start, cfg: ModelConfig):
+    """Runs tokens at positions start..start+T-1 against the cache; returns (last logits [B, V], cache)."""
+    b, t = tokens_bt.shape
+    positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    rope = llama.rope_tables(cfg, positions)
+    x = llama.embed(weights, tokens_bt)
+    new_cache = []
+    for blk, (k_cache, v_cache) in zip(weights.blocks, cache, strict=True):
+        a = blk.attn
+        if a.q_dkgh.shape[1]:
+            q, k, v = _qkv(a, x, cfg, rope)
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
+            s = k_cache.shape[1]
+            logits = jnp.einsum("btkgh,bskh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+            logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+            kpos = jnp.arange(s)
+            visible = kpos[None, :] <= positions[0][:, None]
+            if cfg.sliding_window is not None:
+                visible = visible & (positions[0][:, None] - kpos[None, :] < cfg.sliding_window)
+            probs = jax.nn.softmax(jnp.where(visible, logits, jnp.finfo(jnp.float32).min), axis=-1)
+            ctx = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_cache.dtype), v_cache)
+            out = jnp.einsum("btkgh,kghd->btd", ctx, a.o_kghd)
+            x = x + (out if a.o_bias_d is None else out + a.o_bias_d)
+        elif a.o_bias_d is not None:
+            x = x + a.o_bias_d
+        x = x + llama.mlp(blk.mlp, x, cfg)
+        new_cache.append((k_cache, v_cache))
+    return llama.unembed(weights, x[:, -1:], cfg)[:, 0], new_cache
+
+
+def prefill(weights, cache, prompt_bt, cfg: ModelConfig):
+    """Fills the caches with the prompt; returns (next-token logits [B, V], cache)."""
+    return _step(weights, cache, prompt_bt, 0, cfg)
+
+
+def decode_step(weights, cache, token_b, position, cfg: ModelConfig):
+    """One new token per sequence at `position`; returns (logits [B, V], cache)."""
+    return _step(weights, cache, token_b[:, None], position, cfg)
+
+
+def generate(weights, prompt_bt, cfg: ModelConfig, num_new: int):
+    """Greedy continuation of `prompt_bt` by `num_new` tokens: [B, num_new]."""
+    cache = init_cache(weights, prompt_bt.shape[0], prompt_bt.shape[1] + num_new)
+    logits, cache = prefill(weights, cache, prompt_bt, cfg)
+
+    def body(carry, i):
+        logits, cache = carry
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits, cache = decode_step(weights, cache, token, prompt_bt.shape[1] + i, cfg)
+        return (logits, cache), token
+
+    _, tokens = jax.lax.scan(body, (logits, cache), jnp.arange(num_new))
+    return tokens.T

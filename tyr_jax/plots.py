@@ -1,0 +1,42 @@
+"""Pictures of a pruning run, saved as PNG: per-layer kept fractions and the search's fitness."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_layers(per_layer: list[dict], num_kv_heads: int, intermediate_size: int, path: pathlib.Path,
+                title: str) -> None:
+    """Bars of the fraction of KV groups and MLP channels each layer keeps."""
+    layers = np.arange(len(per_layer))
+    attn = [r["kv_groups_kept"] / num_kv_heads for r in per_layer]
+    mlp = [r["mlp_channels_kept"] / intermediate_size for r in per_layer]
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.3), 3.5))
+    ax.bar(layers - 0.2, attn, width=0.4, label="attention (KV groups)")
+    ax.bar(layers + 0.2, mlp, width=0.4, label="MLP (channels)")
+    ax.set(xlabel="layer", ylabel="fraction kept", ylim=(0, 1.25), title=title)
+    ax.legend(loc="upper right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fitness(history: list[list[float]], path: pathlib.Path) -> None:
+    """The parent's top-k KL per generation, one line per coarse-to-fine iteration."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    start = 0
+    for t, hist in enumerate(history):
+        ax.plot(np.arange(start, start + len(hist)) + 1, hist, marker=".", label=f"iteration {t + 1}")
+        start += len(hist)
+    ax.set(xlabel="generation", ylabel="KL to dense (top-k)", title="search fitness (lower is better)")
+    if history:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,270 @@
+"""Evolutionary search of the sparsity distribution (ALGORITHMS.md §1.3).
+
+State: one level index per sublayer. A "sparsity shift" moves one sublayer a level down and another of
+the same type a level up, and is kept only if the unit count of that type is unchanged, so every
+candidate has exactly the parameter budget of the parent. (1+λ) with the parent kept; staged
+selection, each stage on a fresh random minibatch of the fitness pool:
+
+    λ offspring on n₁ tokens → best k₂ on n₂ tokens → best k₃ + parent on n₃ tokens → next parent.
+
+Fitness: KL(dense ‖ candidate) over the dense model's top-k next-token logits (log-softmax over those k
+for both; mean over tokens; the last position of a window is not scored). The dense top-k of the pool
+is computed once. Candidates are evaluated many per compiled call: each layer gathers its copy from
+stacked levels (`LevelBank`) by the candidate's level index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from tyr_jax.models import llama
+from tyr_jax.models.config import ModelConfig
+from tyr_jax.supernet import LevelPlan, SupernetStore, expand_level
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    generations: int = 50
+    offspring: int = 128
+    stage_candidates: tuple[int, int] = (16, 4)          # survivors of stage 1 and stage 2
+    stage_tokens: tuple[int, int, int] = (2048, 16384, 131072)
+    top_k: int = 8192
+    pool_sequences: int = 512                            # fitness pool (windows of `seq_len`)
+    seq_len: int = 512
+    token_batch: int = 4                                 # sequences per compiled call
+    candidate_batch: int = 16                            # candidates vmapped together inside one call
+    max_flips: int = 4
+    iterations: int = 4                                  # coarse-to-fine iterations (Δ halves each time)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.offspring < self.stage_candidates[0] or self.stage_candidates[0] < self.stage_candidates[1]:
+            raise ValueError("search needs offspring >= stage_candidates[0] >= stage_candidates[1]")
+        for n in self.stage_tokens:
+            if n % (self.seq_len * self.token_batch):
+                raise ValueError(f"stage_tokens {n} must be a multiple of seq_len × token_batch = "
+                                 f"{self.seq_len * self.token_batch}")
+        if max(self.stage_tokens) > self.pool_sequences * self.seq_len:
+            raise ValueError(f"the fitness pool ({self.pool_sequences} × {self.seq_len} tokens) is smaller than "
+                             f"the last stage ({max(self.stage_tokens)} tokens)")
+        if self.generations < 0 or self.top_k < 1 or self.iterations < 0:
+            raise ValueError("generations and iterations must be >= 0, top_k >= 1")
+
+
+# -- the copies, stacked for gathering ---------------------------------------------------------
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["o_le", "attn_keep_le", "attn_bias_le", "down_le", "mlp_keep_le", "mlp_bias_le"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class LevelBank:
+    """Every copy of every sublayer at full (dense) shape, removed rows zero: [L, E, ...]."""
+
+    o_le: jax.Array          # [L, E, K·G·H, D]
+    attn_keep_le: jax.Array  # [L, E, K]
+    attn_bias_le: jax.Array  # [L, E, D] (zeros unless the pruner adds a bias)
+    down_le: jax.Array       # [L, E, F, D]
+    mlp_keep_le: jax.Array   # [L, E, F]
+    mlp_bias_le: jax.Array   # [L, E, D]
+
+
+def load_bank(store: SupernetStore, cfg: ModelConfig, num_levels: int, dtype) -> LevelBank:
+    g_h, d = cfg.q_per_kv * cfg.head_dim, cfg.hidden_size
+    o, ak, ab, down, mk, mb = [], [], [], [], [], []
+    for i in range(cfg.num_layers):
+        blk = store.load_block(i)
+        levels = [(blk["attn"][f"level_{e}"], blk["mlp"][f"level_{e}"]) for e in range(num_levels)]
+        o.append([expand_level(a, g_h, d, np.float32) for a, _ in levels])
+        down.append([expand_level(m, 1, d, np.float32) for _, m in levels])
+        ak.append([a["keep"] for a, _ in levels])
+        mk.append([m["keep"] for _, m in levels])
+        ab.append([a.get("bias", np.zeros(d, np.float32)) for a, _ in levels])
+        mb.append([m.get("bias", np.zeros(d, np.float32)) for _, m in levels])
+    as_ = lambda x, t: jnp.asarray(np.asarray(x), t)  # noqa: E731
+    return LevelBank(as_(o, dtype), as_(ak, jnp.float32), as_(ab, dtype), as_(down, dtype), as_(mk, jnp.float32),
+                     as_(mb, dtype))
+
+
+def candidate_logits(weights: llama.Weights, bank: LevelBank, attn_level, mlp_level, tokens_bt, cfg: ModelConfig):
+    """Logits of the model that uses copy attn_level[l] / mlp_level[l] of every sublayer (static shapes)."""
+    k, g, h, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.hidden_size
+    rope = llama.rope_tables(cfg, llama.default_positions(tokens_bt))
+    x = llama.embed(weights, tokens_bt)
+    for i, blk in enumerate(weights.blocks):
+        a, m = attn_level[i], mlp_level[i]
+        o_bias = bank.attn_bias_le[i, a] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
+        attn = dataclasses.replace(blk.attn, o_kghd=bank.o_le[i, a].reshape(k, g, h, d), o_bias_d=o_bias)
+        x = x + llama.attention(attn, x, cfg, rope, kv_mask_k=bank.attn_keep_le[i, a])
+        down_bias = bank.mlp_bias_le[i, m] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
+        mlp_w = dataclasses.replace(blk.mlp, down_fd=bank.down_le[i, m], down_bias_d=down_bias)
+        x = x + llama.mlp(mlp_w, x, cfg, mask_f=bank.mlp_keep_le[i, m])
+    return llama.unembed(weights, x, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k"))
+def dense_topk(weights, tokens_bt, cfg: ModelConfig, k: int):
+    """Indices and log-probabilities (renormalised over the k) of the dense model's top-k, positions 0..T-2."""
+    logits = llama.forward(weights, tokens_bt, cfg)[:, :-1]
+    values, idx = jax.lax.top_k(logits, k)
+    return idx.astype(jnp.int32), jax.nn.log_softmax(values, axis=-1)
+
+
+def topk_kl(logits_btv, idx_btk, logp_btk):
+    """Σ over tokens of KL(p ‖ q), p and q the dense and candidate distributions over the dense top-k."""
+    picked = jnp.take_along_axis(logits_btv[:, :-1], idx_btk, axis=-1)
+    logq = jax.nn.log_softmax(picked, axis=-1)
+    return jnp.sum(jnp.exp(logp_btk) * (logp_btk - logq))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "candidate_batch"))
+def candidates_kl(weights, bank, attn_levels_cl, mlp_levels_cl, tokens_bt, idx_btk, logp_btk, cfg, candidate_batch):
+    """Summed top-k KL of C candidates on one token batch: [C]; candidates vmapped in groups."""
+
+    def one(levels):
+        a, m = levels
+        return topk_kl(candidate_logits(weights, bank, a, m, tokens_bt, cfg), idx_btk, logp_btk)
+
+    return jax.lax.map(one, (attn_levels_cl, mlp_levels_cl), batch_size=candidate_batch)
+
+
+# -- mutation ------------------------------------------------------------------------------------
+
+
+def unit_counts(plan: LevelPlan, attn_level, mlp_level) -> tuple[int, int]:
+    """Units removed in total: (KV groups, MLP channels)."""
+    return (sum(plan.attn[i][e] for i, e in enumerate(attn_level)),
+            sum(plan.mlp[i][e] for i, e in enumerate(mlp_level)))
+
+
+def mutate(parent: np.ndarray, plan: LevelPlan, rng: np.random.Generator, num: int, max_flips: int,
+           max_tries: int = 10_000) -> np.ndarray:
+    """`num` distinct offspring [num, 2, L] of `parent` [2, L] (row 0 attention, row 1 MLP), each made of
+    min(randint(1, max_flips), randint(1, max_flips)) sparsity shifts that keep both unit counts."""
+    tables = [np.asarray(plan.attn), np.asarray(plan.mlp)]
+    num_levels = tables[0].shape[1]
+    seen = {parent.tobytes()}
+    out = []
+    for _ in range(max_tries):
+        if len(out) == num:
+            break
+        child = parent.copy()
+        flips = min(rng.integers(1, max_flips + 1), rng.integers(1, max_flips + 1))
+        for _ in range(flips):
+            kind = rng.integers(2)
+            down, up = rng.choice(child.shape[1], size=2, replace=False)
+            if child[kind, down] == 0 or child[kind, up] == num_levels - 1:
+                continue
+            table = tables[kind]
+            freed = table[down, child[kind, down]] - table[down, child[kind, down] - 1]
+            taken = table[up, child[kind, up] + 1] - table[up, child[kind, up]]
+            if freed != taken or freed == 0:      # clipped levels would change the budget
+                continue
+            child[kind, down] -= 1
+            child[kind, up] += 1
+        key = child.tobytes()
+        if key not in seen:
+            seen.add(key)
+            out.append(child)
+    if not out:
+        raise ValueError("no budget-preserving sparsity shift exists for this level plan")
+    return np.stack(out)
+
+
+# -- the search loop -------------------------------------------------------------------------------
+
+
+class FitnessPool:
+    """Fitness windows and their dense top-k (computed once, kept on the host)."""
+
+    def __init__(self, weights, cfg: ModelConfig, tokens: np.ndarray, scfg: SearchConfig, progress: bool = True):
+        self.tokens = np.asarray(tokens, np.int32)
+        idx, logp = [], []
+        b = scfg.token_batch
+        for s in tqdm(range(0, len(tokens), b), desc="dense top-k", disable=not progress):
+            i, lp = dense_topk(weights, jnp.asarray(self.tokens[s: s + b]), cfg, scfg.top_k)
+            idx.append(np.asarray(i))
+            logp.append(np.asarray(lp))
+        self.idx, self.logp = np.concatenate(idx), np.concatenate(logp)
+
+
+def evaluate(weights, bank, cfg, scfg: SearchConfig, pool: FitnessPool, candidates: np.ndarray,
+             sequences: np.ndarray) -> np.ndarray:
+    """Mean top-k KL of each candidate [C, 2, L] on the pool windows `sequences`."""
+    total = np.zeros(len(candidates))
+    b = scfg.token_batch
+    for s in range(0, len(sequences), b):
+        rows = sequences[s: s + b]
+        kl = candidates_kl(weights, bank, jnp.asarray(candidates[:, 0]), jnp.asarray(candidates[:, 1]),
+                           jnp.asarray(pool.tokens[rows]), jnp.asarray(pool.idx[rows]), jnp.asarray(pool.logp[rows]),
+                           cfg, min(scfg.candidate_batch, len(candidates)))
+        total += np.asarray(kl, np.float64)
+    return total / (len(sequences) * (scfg.seq_len - 1))
+
+
+def generation_step(weights, bank, cfg, scfg: SearchConfig, plan: LevelPlan, pool: FitnessPool,
+                    parent: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """One (1+λ) generation with staged selection; returns the next parent and its stage-3 fitness."""
+    offspring = mutate(parent, plan, rng, scfg.offspring, scfg.max_flips)
+    survivors = offspring
+    n1, n2, n3 = (n // scfg.seq_len for n in scfg.stage_tokens)
+    for keep, n in ((scfg.stage_candidates[0], n1), (scfg.stage_candidates[1], n2)):
+        fit = evaluate(weights, bank, cfg, scfg, pool, survivors, rng.choice(len(pool.tokens), n, replace=False))
+        survivors = survivors[np.argsort(fit, kind="stable")[:keep]]
+    final = np.concatenate([parent[None], survivors])
+    fit = evaluate(weights, bank, cfg, scfg, pool, final, rng.choice(len(pool.tokens), n3, replace=False))
+    best = int(np.argmin(fit))   # ties keep the parent (index 0)
+    return final[best], float(fit[best])
+
+
+def run_search(weights, cfg: ModelConfig, plan: LevelPlan, bank: LevelBank, pool: FitnessPool,
+               scfg: SearchConfig, state_dir: pathlib.Path, *, iteration: int = 0, progress: bool = True):
+    """Searches from the centre level of every sublayer; checkpoints every generation, resumes if killed.
+
+    Returns (best [2, L] level indices, history of the parent's fitness per generation)."""
+    num_levels = len(plan.attn[0])
+    parent = np.full((2, cfg.num_layers), num_levels // 2, np.int32)
+    history: list[float] = []
+    manager = ocp.CheckpointManager(pathlib.Path(state_dir).absolute(),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        state = manager.restore(start, args=ocp.args.StandardRestore())
+        parent, history = np.asarray(state["parent"], np.int32), list(np.asarray(state["history"]))
+        if parent.shape != (2, cfg.num_layers):
+            raise ValueError(f"{state_dir} holds a search of another model; delete it or use another --out")
+    target = unit_counts(plan, *parent)
+    bar = tqdm(range(start, scfg.generations), desc=f"search it{iteration}", unit="gen", disable=not progress,
+               initial=start, total=scfg.generations)
+    for gen in bar:
+        rng = np.random.default_rng([scfg.seed, iteration, gen])
+        parent, fitness = generation_step(weights, bank, cfg, scfg, plan, pool, parent, rng)
+        assert unit_counts(plan, *parent) == target, "the search broke the parameter budget"
+        history.append(fitness)
+        manager.save(gen + 1, args=ocp.args.StandardSave({"parent": parent, "history": np.asarray(history)}))
+        manager.wait_until_finished()
+        bar.set_postfix(kl=f"{fitness:.4f}")
+    manager.close()
+    return parent, history
+
+
+def removal_fractions(plan: LevelPlan, levels: np.ndarray, cfg: ModelConfig) -> tuple[list[float], list[float]]:
+    """Per-sublayer sparsities of a level choice: the centres of the next, finer iteration."""
+    attn = [plan.attn[i][e] / cfg.num_kv_heads for i, e in enumerate(levels[0])]
+    mlp = [plan.mlp[i][e] / cfg.intermediate_size for i, e in enumerate(levels[1])]
+    return attn, mlp
+
+
+def step_for_iteration(first_step: float, iteration: int) -> float:
+    """Δ halves every coarse-to-fine iteration: 12.5%, 6.25%, 3.125%, 1.5625%."""
+    return first_step / math.pow(2, iteration)

@@ -14,17 +14,6 @@ from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 
 
-def _qkv(attn: llama.Attention, x_btd, cfg: ModelConfig, rope):
-    xn = llama.rms_norm(x_btd, attn.norm_d, cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dkgh->btkgh", xn, attn.q_dkgh)
-    k = jnp.einsum("btd,dkh->btkh", xn, attn.k_dkh)
-    v = jnp.einsum("btd,dkh->btkh", xn, attn.v_dkh)
-    if attn.q_bias_kgh is not None:
-        q, k, v = q + attn.q_bias_kgh, k + attn.k_bias_kh, v + attn.v_bias_kh
-    cos, sin = rope
-    return llama.apply_rope(q, cos, sin), llama.apply_rope(k, cos, sin), v
-
-
 def init_cache(weights: llama.Weights, batch: int, max_len: int):
     """Zero caches: per layer (k, v) of [B, S, K_l, H]."""
     return [(jnp.zeros((batch, max_len) + blk.attn.k_dkh.shape[1:], blk.attn.k_dkh.dtype),) * 2
@@ -41,7 +30,7 @@ def _step(weights, cache, tokens_bt, start, cfg: ModelConfig):
     for blk, (k_cache, v_cache) in zip(weights.blocks, cache, strict=True):
         a = blk.attn
         if a.q_dkgh.shape[1]:
-            q, k, v = _qkv(a, x, cfg, rope)
+            q, k, v = llama.project_qkv(a, x, cfg, rope)
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
             s = k_cache.shape[1]

@@ -130,12 +130,8 @@ def apply_rope(x: Float[Array, "B T *N H"], cos: Array, sin: Array) -> Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attention_context(attn: Attention, x_btd: Array, cfg: ModelConfig, rope: tuple[Array, Array],
-                      *, implementation: str | None = None) -> Float[Array, "B T K G H"]:
-    """Normed input → per-head attention output, the input of `o_proj` (before any mask).
-
-    `implementation`: "xla" (our einsum attention, fp32 logits), "cudnn" (fused, GPU only) or None
-    (auto: cuDNN on GPU for bf16/fp16, else XLA)."""
+def project_qkv(attn: Attention, x_btd: Array, cfg: ModelConfig, rope: tuple[Array, Array]):
+    """Normed input → rotated queries [B,T,K,G,H], rotated keys and values [B,T,K,H]."""
     xn = rms_norm(x_btd, attn.norm_d, cfg.rms_norm_eps)
     q = jnp.einsum("btd,dkgh->btkgh", xn, attn.q_dkgh)
     k = jnp.einsum("btd,dkh->btkh", xn, attn.k_dkh)
@@ -143,7 +139,16 @@ def attention_context(attn: Attention, x_btd: Array, cfg: ModelConfig, rope: tup
     if attn.q_bias_kgh is not None:
         q, k, v = q + attn.q_bias_kgh, k + attn.k_bias_kh, v + attn.v_bias_kh
     cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_context(attn: Attention, x_btd: Array, cfg: ModelConfig, rope: tuple[Array, Array],
+                      *, implementation: str | None = None) -> Float[Array, "B T K G H"]:
+    """Normed input → per-head attention output, the input of `o_proj` (before any mask).
+
+    `implementation`: "xla" (our einsum attention, fp32 logits), "cudnn" (fused, GPU only) or None
+    (auto: cuDNN on GPU for bf16/fp16, else XLA)."""
+    q, k, v = project_qkv(attn, x_btd, cfg, rope)
     if implementation is None:  # auto: cuDNN's fused attention where it exists (GPU, half precision)
         half = q.dtype in (jnp.bfloat16, jnp.float16)
         implementation = "cudnn" if half and jax.default_backend() == "gpu" else "xla"

@@ -58,8 +58,7 @@ ZEROSHOT_POOLED_FLOOR = 62
 def test_zeroshot_accuracy_is_clearly_above_chance(smollm2):
     # Weights are an argument, not a closed-over constant: constants make XLA compile for minutes.
     logprobs = jax.jit(lambda w, tok, tgt: llama.token_logprobs(w, tok, tgt, smollm2.cfg))
-    # pad_multiple 32 instead of 64: these short requests then need ~30 % fewer padded tokens (17.4k
-    # instead of 24.6k), for 4 compiled shapes.
+    # pad_multiple 32 instead of 64: these requests are short, so the smallest bucket saves padding.
     scores = zeroshot.evaluate(lambda tok, tgt: logprobs(smollm2.weights, tok, tgt), smollm2.tokenizer,
                                tuple(ZEROSHOT_FLOORS), limit=ZEROSHOT_DOCS, batch_size=8, pad_multiple=32,
                                progress=False)

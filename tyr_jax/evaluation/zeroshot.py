@@ -264,9 +264,10 @@ def loglikelihoods(
     without special tokens), truncated from the left so that the model input has at most
     ``max_len`` tokens (lm-eval: ``(ctx + cont)[-(max_len + 1):][:-1]``). Requests are sorted by
     length, grouped into batches of exactly ``batch_size`` rows (the last one padded with empty
-    rows) and right-padded to a multiple of ``pad_multiple`` capped at ``max_len``, so
-    ``logprob_fn`` sees only ``ceil(max_len / pad_multiple)`` shapes. Right padding leaves the
-    causal log-probs of the real positions unchanged.
+    rows) and right-padded to ``pad_multiple · 2^j`` capped at ``max_len``, so ``logprob_fn`` sees
+    at most ``log2(max_len / pad_multiple) + 2`` shapes (each a compilation, which for a pruned
+    model with a different shape in every layer costs more than the padded tokens). Right padding
+    leaves the causal log-probs of the real positions unchanged.
 
     Args:
       logprob_fn: ``(tokens int32[B, T], targets int32[B, T]) -> float32[B, T]`` with
@@ -276,7 +277,7 @@ def loglikelihoods(
       batch_size: rows per call.
       max_len: most tokens fed to the model per row.
       prepend_bos_id: token id put in front of every context, if given.
-      pad_multiple: bucket granularity of the padded length.
+      pad_multiple: the smallest padded length; larger buckets double it.
       desc, progress: tqdm label and switch.
 
     Returns:
@@ -309,7 +310,7 @@ def loglikelihoods(
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     for batch in tqdm.tqdm(batches, desc=desc, disable=not progress, leave=False):
         longest = len(seqs[batch[0]]) - 1
-        width = min(-(-longest // pad_multiple) * pad_multiple, max_len)
+        width = min(pad_multiple << max(0, (-(-longest // pad_multiple) - 1).bit_length()), max_len)
         tokens_bt = np.zeros((batch_size, width), np.int32)
         targets_bt = np.zeros((batch_size, width), np.int32)
         for row, i in enumerate(batch):

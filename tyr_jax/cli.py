@@ -126,12 +126,41 @@ def cmd_prune(args):
     print(f"wrote {rc.out}/model, {rc.out}/summary.json")
 
 
+def _add_ablate(sub):
+    p = sub.add_parser("ablate", help="run config variants over a grid of values; one table and one plot",
+                       description="Variant i of the grid (the product of every --vary list) runs under "
+                                   "OUT/variant_<i>; re-running skips finished variants. Variants without "
+                                   "search that differ only in supernet.damp / supernet.expectation build "
+                                   "their supernets in one vmapped pass; the rest run one after another. "
+                                   "Writes OUT/ablation.csv, OUT/ablation.json and OUT/ablation.png.")
+    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
+    p.add_argument("--out", default=None, help="output directory (overrides the config's out)")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a config key and its values, e.g. supernet.damp=0.001,0.01,0.1 (repeatable: grid)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides shared by every variant, e.g. method=uniform")
+    p.set_defaults(func=cmd_ablate)
+
+
+def cmd_ablate(args):
+    from tyr_jax.ablate import run_ablation
+
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    table = run_ablation(args.config, overrides, args.vary)
+    keys = list(table["vary"])
+    print(" | ".join(["variant", *keys, "mode", "ppl", "params", "wall_s"]))
+    for r in table["rows"]:
+        print(" | ".join([str(r["variant"]), *(str(r[k]) for k in keys), r["mode"], f"{r['ppl']:.4f}",
+                          f"{r['params']:,}", f"{r['wall_s']:.1f}"]))
+    print(f"wrote {table['out']}/ablation.csv, ablation.json, ablation.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tyr-jax", description="Structural pruning of Llama-family LLMs in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
     _add_supernet(sub)
     _add_prune(sub)
+    _add_ablate(sub)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:

@@ -40,3 +40,31 @@ def plot_fitness(history: list[list[float]], path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_ablation(rows: list[dict], keys: list[str], path: pathlib.Path, title: str, metric: str = "ppl") -> None:
+    """`metric` of every ablation variant against the first varied key, one line per setting of the others."""
+    x_values = [r[keys[0]] for r in rows]
+    labels = list(dict.fromkeys(map(str, x_values)))   # values may be lists (unhashable)
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in x_values)
+    series: dict = {}
+    for r, x in zip(rows, x_values):
+        label = ", ".join(f"{k}={r[k]}" for k in keys[1:])
+        series.setdefault(label, []).append((x if numeric else labels.index(str(x)), r[metric]))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label or None)
+    values = [r[metric] for r in rows if np.isfinite(r[metric]) and r[metric] > 0]
+    if values and max(values) > 20 * min(values):
+        ax.set_yscale("log")
+    if numeric and min(x_values) > 0 and max(x_values) >= 10 * min(x_values):
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(labels)), labels)
+    ax.set(xlabel=keys[0], ylabel=metric, title=title)
+    if len(series) > 1:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

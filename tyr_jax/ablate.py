@@ -1,0 +1,407 @@
+"""`tyr-jax ablate`: run-config variants over a grid of values, one table and one plot.
+
+`--vary key=v1,v2,...` (repeatable; the grid is the product of the lists) takes the same dotted keys
+as `key=value` overrides. Variant i runs under `OUT/variant_<i>/` and saves its result there, so a
+re-run skips finished variants. What a variant yields:
+
+  * a method without search (`uniform`, `flap`, `wanda_sp`, `magnitude`, or `tyr` with
+    `search.iterations=0`): the held-out perplexity of the model made of every sublayer's centre copy
+    (the target sparsity everywhere), as `scripts/ablate_uniform.py` measures it;
+  * `method: tyr` with search: the whole `tyr-jax prune` pipeline, its pruned model's perplexity.
+
+How variants run (the table's `mode` column says which):
+
+  * vmap — variants without search whose configs differ only in `VMAP_KEYS` build their supernets in
+    one pass: the activations carry a leading variant axis, and each block's statistics, pruner call
+    and propagation are one compiled call vmapped over the variants. `supernet.damp` is a traced
+    number inside the Týr pruner; `supernet.expectation` only chooses which output projection (the
+    Eq. 5 average or the dense one) a variant hands on, i.e. data. The activations, and so the
+    statistics of every later sublayer, are per variant — the copies of variant v depend on its own
+    earlier copies through Eq. 5 — so each store holds exactly what building that variant alone would
+    write (same fingerprint; up to fp32 rounding of batched matmuls).
+  * sequential — everything else, one variant after another: round sizes and `num_levels`/steps change
+    the pruner's static schedule and the copies' shapes, `search.top_k` is a `lax.top_k` size,
+    `search.seed` drives a host-side evolutionary loop, and a search follows its own supernets.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from tyr_jax import supernet as sn
+from tyr_jax.models import llama
+from tyr_jax.models.config import ModelConfig
+from tyr_jax.pruning import SublayerStats, get_pruner
+from tyr_jax.runconfig import RunConfig, load_run_config, to_dict
+
+# Config keys whose variants share one vmapped supernet build (SupernetConfig field names after the dot).
+VMAP_KEYS = ("supernet.damp", "supernet.expectation")
+# Pruner hyper-parameters passed as traced numbers under vmap; the others (round sizes) are static.
+TRACED_HPARAMS = ("damp",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    index: int
+    values: dict          # varied key → value, in --vary order
+    overrides: tuple      # the variant's `key=value` strings, applied after the base overrides
+    rc: RunConfig
+
+    @property
+    def out(self) -> pathlib.Path:
+        return pathlib.Path(self.rc.out)
+
+
+def _split_top_level(raw: str) -> list[str]:
+    """Splits on commas outside brackets, so a list value such as [4,2] stays one value."""
+    parts, depth, cur = [], 0, []
+    for ch in raw:
+        depth += (ch in "[{(") - (ch in "]})")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def _value(raw: str):
+    """A YAML value, except that 1e-3 is a float (YAML 1.1 reads exponents without a dot as strings)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
+def parse_vary(spec: str) -> tuple[str, list]:
+    """'supernet.damp=1e-3,0.01' → ('supernet.damp', [0.001, 0.01]); values are YAML (lists in brackets)."""
+    key, sep, raw = spec.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--vary {spec!r} is not key=v1,v2,... (e.g. --vary supernet.damp=0.001,0.01,0.1)")
+    parts = _split_top_level(raw)
+    if any(not v for v in parts):
+        raise ValueError(f"--vary {spec!r} has an empty value; give key=v1,v2,...")
+    values = [_value(v) for v in parts]
+    if key == "out":
+        raise ValueError("--vary out=...: the ablation sets each variant's out to OUT/variant_<i>; vary "
+                         "something else")
+    return key, values
+
+
+def make_variants(config: str | None, overrides: list[str], vary: list[str]) -> tuple[RunConfig, list[Variant]]:
+    """The base config (its `out` is the ablation's directory) and every grid point, all validated."""
+    base = load_run_config(config, overrides)
+    if not vary:
+        raise ValueError("nothing to vary: give at least one --vary key=v1,v2,...")
+    specs = [parse_vary(s) for s in vary]
+    keys = [k for k, _ in specs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"--vary repeats a key: {', '.join(k for k in keys if keys.count(k) > 1)}")
+    for key, values in specs:  # name the offending --vary before any variant runs
+        try:
+            load_run_config(config, list(overrides) + [f"{key}={json.dumps(values[0])}"])
+        except ValueError as e:
+            raise ValueError(f"--vary {key}: {e}") from None
+    out = pathlib.Path(base.out)
+    variants = []
+    for i, combo in enumerate(itertools.product(*(v for _, v in specs))):
+        assigned = tuple(f"{k}={json.dumps(v)}" for k, v in zip(keys, combo))   # JSON values are YAML
+        try:
+            rc = load_run_config(config, list(overrides) + list(assigned) + [f"out={out / f'variant_{i}'}"])
+        except ValueError as e:
+            raise ValueError(f"variant {', '.join(assigned)}: {e}") from None
+        variants.append(Variant(i, dict(zip(keys, combo)), assigned, rc))
+    return base, variants
+
+
+def _vmap_key(rc: RunConfig) -> str | None:
+    """What a variant must share with others to join their vmapped build (None: it runs alone)."""
+    if rc.searches:
+        return None
+    tree = to_dict(rc)
+    tree.pop("out")
+    for key in VMAP_KEYS:
+        section, name = key.split(".")
+        tree[section].pop(name)
+    return json.dumps(tree, sort_keys=True)
+
+
+def vmap_groups(variants: list[Variant]) -> list[list[Variant]]:
+    """Variants grouped for one vmapped build each; singletons (and every search) run sequentially."""
+    groups: dict = {}
+    for v in variants:
+        key = _vmap_key(v.rc)
+        groups.setdefault(key if key is not None else f"alone-{v.index}", []).append(v)
+    return list(groups.values())
+
+
+# -- the vmapped supernet build ------------------------------------------------------------------------
+# The per-variant steps are build_supernet's own jitted steps, vmapped over a leading variant axis, so
+# the two paths compute the same function.
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=2)
+def _attn_stats_v(attn, x_vbtd, stats_v, rope, cfg):
+    return jax.vmap(lambda x, s: sn._attn_stats(attn, x, s, rope, cfg))(x_vbtd, stats_v)
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
+def _attn_apply_v(attn, x_vbtd, w_vio, bias_vd, rope, cfg):
+    return jax.vmap(lambda x, w, b: sn._attn_apply(attn, x, w, b, rope, cfg))(x_vbtd, w_vio, bias_vd)
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=2)
+def _mlp_stats_v(mlp_w, x_vbtd, stats_v, cfg):
+    return jax.vmap(lambda x, s: sn._mlp_stats(mlp_w, x, s, cfg))(x_vbtd, stats_v)
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
+def _mlp_apply_v(mlp_w, x_vbtd, w_vio, bias_vd, cfg):
+    return jax.vmap(lambda x, w, b: sn._mlp_apply(mlp_w, x, w, b, cfg))(x_vbtd, w_vio, bias_vd)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "unit_size", "removals", "hparams"))
+def _prune_levels_v(w_io, stats_v, traced_v, method, unit_size, removals, hparams):
+    """One pruner call per variant, vmapped: its own statistics and traced hyper-parameters [V]."""
+    pruner = get_pruner(method)
+
+    def one(stats, traced):
+        return pruner(w_io, stats, unit_size=unit_size, removals=removals, **traced, **dict(hparams))
+
+    return jax.vmap(one)(stats_v, traced_v)
+
+
+def _hparams_v(scfgs: list[sn.SupernetConfig], kind: str) -> tuple[dict, tuple]:
+    """({name: [V] fp32} traced, ((name, value), ...) static) pruner hyper-parameters of the variants."""
+    hps = [s.hparams(kind) for s in scfgs]
+    traced = {k: jnp.asarray([hp[k] for hp in hps], jnp.float32) for k in TRACED_HPARAMS if k in hps[0]}
+    static = tuple(sorted((k, v) for k, v in hps[0].items() if k not in traced))
+    if any(tuple(sorted((k, v) for k, v in hp.items() if k not in traced)) != static for hp in hps):
+        raise ValueError(f"variants differ in static {kind} hyper-parameters; they cannot share a vmapped build")
+    return traced, static
+
+
+def _take(tree, v: int):
+    return jax.tree.map(lambda a: a[v], tree)
+
+
+def _zeros_v(d_in: int, num: int) -> SublayerStats:
+    return jax.tree.map(lambda a: jnp.zeros((num,) + a.shape, a.dtype), SublayerStats.zeros(d_in))
+
+
+def build_supernets_vmapped(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.ndarray,
+                            scfgs: list[sn.SupernetConfig], plan: sn.LevelPlan, stores: list[sn.SupernetStore],
+                            *, batch_size: int = 8, progress: bool = True) -> None:
+    """`build_supernet` for V configs that differ only in `VMAP_KEYS`, in one pass over the blocks.
+
+    Activations are [V, B, T, D]: variant v's statistics come from its own Eq. 5 propagation, so store v
+    ends up holding what `build_supernet(..., scfgs[v], plan, stores[v])` writes. Blocks that every
+    store already holds are replayed, not rebuilt."""
+    num = len(scfgs)
+    if len(stores) != num:
+        raise ValueError(f"{num} configs but {len(stores)} stores")
+    neutral = {name.split(".")[1]: getattr(sn.SupernetConfig(), name.split(".")[1]) for name in VMAP_KEYS}
+    if len({dataclasses.replace(s, **neutral) for s in scfgs}) != 1:
+        raise ValueError(f"vmapped variants may differ only in {', '.join(VMAP_KEYS)}")
+    if cfg.is_pruned:
+        raise ValueError("the supernet is built from the dense model; got a model with pruned layer sizes")
+    d, attn_unit = cfg.hidden_size, cfg.q_per_kv * cfg.head_dim
+    method = scfgs[0].method
+    calib_tokens = np.asarray(calib_tokens, np.int32)
+    chunks = [calib_tokens[i: i + batch_size] for i in range(0, len(calib_tokens), batch_size)]
+    if len(chunks[-1]) != batch_size:
+        raise ValueError(f"{len(calib_tokens)} calibration sequences do not split into batches of {batch_size}")
+    rope = llama.rope_tables(cfg, llama.default_positions(jnp.asarray(chunks[0])))
+    xs = [jnp.repeat(llama.embed(weights, jnp.asarray(c))[None], num, axis=0) for c in chunks]
+    attn_hp, mlp_hp = _hparams_v(scfgs, "attn"), _hparams_v(scfgs, "mlp")
+    for i in tqdm(range(cfg.num_layers), desc=f"supernet ×{num} (vmap)", unit="block", disable=not progress):
+        blk = weights.blocks[i]
+        o_io = blk.attn.o_kghd.reshape(-1, d)
+        missing = [v for v in range(num) if not stores[v].has_block(i)]
+        stored = [{} if v in missing else stores[v].load_block(i) for v in range(num)]
+        if missing:
+            stats = _zeros_v(cfg.num_kv_heads * attn_unit, num)
+            for x in xs:
+                stats = _attn_stats_v(blk.attn, x, stats, rope, cfg)
+            result = _prune_levels_v(o_io, stats, attn_hp[0], method, attn_unit, plan.attn[i], attn_hp[1])
+            for v in missing:
+                stored[v]["attn"] = sn.compact_levels(_take(result, v), attn_unit)
+        w_v, b_v = zip(*(sn._propagation_weights(s["attn"], o_io, blk.attn.o_bias_d, plan.attn[i], cfg.num_kv_heads,
+                                                 attn_unit, scfg.expectation) for s, scfg in zip(stored, scfgs)))
+        xs = [_attn_apply_v(blk.attn, x, jnp.stack(w_v), jnp.stack(b_v), rope, cfg) for x in xs]
+        if missing:
+            stats = _zeros_v(cfg.intermediate_size, num)
+            for x in xs:
+                stats = _mlp_stats_v(blk.mlp, x, stats, cfg)
+            result = _prune_levels_v(blk.mlp.down_fd, stats, mlp_hp[0], method, 1, plan.mlp[i], mlp_hp[1])
+            for v in missing:
+                stored[v]["mlp"] = sn.compact_levels(_take(result, v), 1)
+                stores[v].save_block(i, stored[v])
+        w_v, b_v = zip(*(sn._propagation_weights(s["mlp"], blk.mlp.down_fd, blk.mlp.down_bias_d, plan.mlp[i],
+                                                 cfg.intermediate_size, 1, scfg.expectation)
+                         for s, scfg in zip(stored, scfgs)))
+        xs = [_mlp_apply_v(blk.mlp, x, jnp.stack(w_v), jnp.stack(b_v), cfg) for x in xs]
+        jax.block_until_ready(xs)
+
+
+# -- running the grid ------------------------------------------------------------------------------------
+
+
+class _Shared:
+    """Models, calibration and evaluation windows loaded once and shared by the variants that agree on them."""
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def _get(self, key, make):
+        key = json.dumps(key, sort_keys=True)
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def model(self, rc: RunConfig):
+        from tyr_jax.loading import load_model
+        from tyr_jax.pipeline import model_dtype
+
+        def make():
+            model = load_model(rc.model, dtype=model_dtype(rc))
+            if model.tokenizer is None:
+                raise ValueError(f"{rc.model} has no tokenizer; calibration and evaluation text cannot be tokenized")
+            return model
+
+        return self._get(["model", rc.model, rc.dtype], make)
+
+    def calib(self, rc: RunConfig) -> np.ndarray:
+        from tyr_jax.pipeline import calibration_tokens
+
+        return self._get(["calib", rc.model, to_dict(rc.calibration)],
+                         lambda: calibration_tokens(self.model(rc).tokenizer, rc.calibration))
+
+    def windows(self, rc: RunConfig) -> np.ndarray:
+        from tyr_jax.pipeline import eval_windows
+
+        return self._get(["eval", rc.model, to_dict(rc.eval)], lambda: eval_windows(self.model(rc).tokenizer, rc))
+
+
+def _result_path(v: Variant) -> pathlib.Path:
+    return v.out / "ablation_result.json"
+
+
+def _result_key(v: Variant) -> dict:
+    return json.loads(json.dumps(to_dict(v.rc)))  # as it reads back (tuples become lists)
+
+
+def _load_result(v: Variant) -> dict | None:
+    """The saved result of a variant, if it was computed with this very config."""
+    path = _result_path(v)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == _result_key(v):
+            return saved["value"]
+    return None
+
+
+def _save_result(v: Variant, value: dict) -> None:
+    path = _result_path(v)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": _result_key(v), "value": value}, indent=1))
+    tmp.replace(path)
+
+
+def _centre_eval(v: Variant, shared: _Shared, store: sn.SupernetStore, progress: bool) -> dict:
+    """Perplexity and parameters of the model that takes every sublayer's centre copy."""
+    from tyr_jax.pipeline import evaluate_levels
+
+    model = shared.model(v.rc)
+    centre = [v.rc.supernet.num_levels // 2] * model.cfg.num_layers
+    res = evaluate_levels(model, store, centre, centre, shared.windows(v.rc), batch_size=v.rc.eval.batch_size,
+                          progress=progress)
+    return {"ppl": res["ppl"], "params": res["params"]}
+
+
+def _run_group(group: list[Variant], shared: _Shared, progress: bool) -> None:
+    """Builds the supernets of a group of ≥ 2 variants in one vmapped pass, then evaluates each."""
+    rc0 = group[0].rc
+    model, calib = shared.model(rc0), shared.calib(rc0)
+    dtype = model.weights.embed_vd.dtype
+    plan = sn.LevelPlan.centred(model.cfg, rc0.supernet)
+    stores = []
+    for v in group:
+        v.out.mkdir(parents=True, exist_ok=True)
+        (v.out / "run_config.json").write_text(json.dumps(to_dict(v.rc), indent=1))
+        stores.append(sn.SupernetStore(v.out / "supernet", sn.fingerprint(model.cfg, v.rc.supernet, plan, calib,
+                                                                          v.rc.model, dtype)))
+    start = time.perf_counter()
+    build_supernets_vmapped(model.weights, model.cfg, calib, [v.rc.supernet for v in group], plan, stores,
+                            batch_size=rc0.calibration.batch_size, progress=progress)
+    build_share = (time.perf_counter() - start) / len(group)
+    for v, store in zip(group, stores):
+        start = time.perf_counter()
+        metrics = _centre_eval(v, shared, store, progress)
+        _save_result(v, {"mode": "vmap", **metrics, "wall_s": build_share + time.perf_counter() - start})
+
+
+def _run_alone(v: Variant, shared: _Shared, progress: bool) -> None:
+    from tyr_jax.pipeline import run_prune, run_supernet
+
+    start = time.perf_counter()
+    if v.rc.searches:
+        summary = run_prune(v.rc, progress=progress)
+        metrics = {"ppl": summary["ppl"]["pruned"], "params": summary["params"]["pruned"]}
+    else:
+        _, store, _ = run_supernet(v.rc, shared.model(v.rc), calib=shared.calib(v.rc), progress=progress)
+        metrics = _centre_eval(v, shared, store, progress)
+    _save_result(v, {"mode": "sequential", **metrics, "wall_s": time.perf_counter() - start})
+
+
+def run_ablation(config: str | None, overrides: list[str], vary: list[str], *, progress: bool = True) -> dict:
+    """Runs (or resumes) every variant of the grid; writes OUT/ablation.csv, .json and .png.
+
+    Returns {"out", "vary": {key: values}, "rows": [{"variant", <keys>, "mode", "ppl", "params", "wall_s", "out"}]}.
+    `wall_s` of a vmap row is its share of the group's build plus its own evaluation."""
+    from tyr_jax import plots
+
+    base, variants = make_variants(config, overrides, vary)
+    out = pathlib.Path(base.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(variants[0].values)
+    shared = _Shared()
+    for group in vmap_groups(variants):
+        pending = [v for v in group if _load_result(v) is None]
+        if len(pending) > 1:
+            print(f"variants {', '.join(str(v.index) for v in pending)}: one vmapped supernet build")
+            _run_group(pending, shared, progress)
+        elif pending:
+            print(f"variant {pending[0].index} ({', '.join(pending[0].overrides)}): sequential")
+            _run_alone(pending[0], shared, progress)
+    rows = [{"variant": v.index, **v.values, **_load_result(v), "out": v.out.name} for v in variants]
+    table = {"out": str(out), "config": config, "overrides": list(overrides),
+             "vary": {k: [json.loads(x) for x in dict.fromkeys(json.dumps(v.values[k]) for v in variants)]
+                      for k in keys},
+             "vmap_keys": list(VMAP_KEYS), "rows": rows}
+    (out / "ablation.json").write_text(json.dumps(table, indent=1))
+    with open(out / "ablation.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: json.dumps(r[k]) if isinstance(r[k], (bool, list)) else r[k] for k in r} for r in rows)
+    plots.plot_ablation(rows, keys, out / "ablation.png", f"{base.method} on {pathlib.Path(base.model).name}")
+    return table

@@ -31,21 +31,19 @@ import dataclasses
 import functools
 import itertools
 import json
-import math
 import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
 from tyr_jax import supernet as sn
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning import SublayerStats, get_pruner
-from tyr_jax.runconfig import RunConfig, load_run_config, to_dict
+from tyr_jax.runconfig import RunConfig, load_run_config, parse_value, to_dict
 
 # Config keys whose variants share one vmapped supernet build (SupernetConfig field names after the dot).
 VMAP_KEYS = ("supernet.damp", "supernet.expectation")
@@ -79,18 +77,6 @@ def _split_top_level(raw: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def _value(raw: str):
-    """A YAML value, except that 1e-3 is a float (YAML 1.1 reads exponents without a dot as strings)."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return number if math.isfinite(number) else value
-    return value
-
-
 def parse_vary(spec: str) -> tuple[str, list]:
     """'supernet.damp=1e-3,0.01' → ('supernet.damp', [0.001, 0.01]); values are YAML (lists in brackets)."""
     key, sep, raw = spec.partition("=")
@@ -100,7 +86,7 @@ def parse_vary(spec: str) -> tuple[str, list]:
     parts = _split_top_level(raw)
     if any(not v for v in parts):
         raise ValueError(f"--vary {spec!r} has an empty value; give key=v1,v2,...")
-    values = [_value(v) for v in parts]
+    values = [parse_value(v) for v in parts]
     if key == "out":
         raise ValueError("--vary out=...: the ablation sets each variant's out to OUT/variant_<i>; vary "
                          "something else")

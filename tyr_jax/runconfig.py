@@ -7,6 +7,7 @@ are applied before validation. Unknown keys are errors, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import typing
 from typing import Any
@@ -99,6 +100,18 @@ def _build(cls, values: dict, where: str):
         raise ValueError(f"bad value in {where or 'config'}: {e}") from None
 
 
+def parse_value(raw: str):
+    """A YAML value, except that 1e-3 is a float (YAML 1.1 reads exponents without a dot as strings)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
@@ -118,7 +131,7 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value (e.g. supernet.target_sparsity=0.25)")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw))
+        _set_path(tree, key.strip(), parse_value(raw))
     if isinstance(tree.get("supernet"), dict) and "method" in tree["supernet"]:
         raise ValueError("supernet.method is not a config key: the pruner follows from the top-level "
                          f"`method:` ({', '.join(METHODS)})")

@@ -96,6 +96,18 @@ def _cached_json(path: pathlib.Path, key: dict, compute):
     return value
 
 
+def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path, progress: bool):
+    """Keep-probabilities learned on the calibration corpus (resumable under OUT/policy_gradient), top-k, sliced."""
+    from tyr_jax.pruning import policy_gradient
+
+    stream = sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus))
+    return policy_gradient.prune(model.weights, model.cfg, stream, rc.policy_gradient, rc.supernet.target_sparsity,
+                                 out / "policy_gradient", calib_bt=calib, calib_batch_size=rc.calibration.batch_size,
+                                 fingerprint={"model": rc.model, "dtype": rc.dtype,
+                                              "calibration": to_dict(rc.calibration)},
+                                 progress=progress)
+
+
 def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     """Calibration → supernet(s) → search (coarse-to-fine) → export → evaluation; resumable."""
     import dataclasses
@@ -117,6 +129,8 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     num_levels = rc.supernet.num_levels
     centres, history = (None, None), []
     iterations = rc.search.iterations if rc.searches else 1
+    if rc.method == "policy_gradient":  # no supernet: learned masks (ALGORITHMS.md §2)
+        iterations = 0
     for t in range(iterations):
         scfg = dataclasses.replace(rc.supernet, step=search.step_for_iteration(rc.supernet.step, t))
         plan = LevelPlan.centred(cfg, scfg, *centres)
@@ -138,7 +152,10 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
             del bank
             history.append([float(h) for h in hist])
             centres = search.removal_fractions(plan, best, cfg)
-    weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
+    if rc.method == "policy_gradient":
+        weights, pruned_cfg, pg_report = _policy_gradient(rc, model, calib, out, progress)
+    else:
+        weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
     # The run owns OUT/model: a resumed run rewrites the same model.
     report = export_model(weights, pruned_cfg, out / "model", tokenizer=model.tokenizer, overwrite=True)
     windows = eval_windows(model.tokenizer, rc)
@@ -161,6 +178,8 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
         "export": report,
         "wall_time_s": time.perf_counter() - start,
     }
+    if rc.method == "policy_gradient":
+        summary["policy_gradient"] = pg_report
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plots.plot_layers(per_layer, cfg.num_kv_heads, cfg.intermediate_size, out / "per_layer.png",
                       f"{rc.method} on {rc.model}: kept per layer")

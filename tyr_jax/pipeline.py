@@ -38,7 +38,7 @@ def build_mesh(rc: RunConfig):
     """The run's mesh (`rc.mesh`), checked against the batch sizes that must split over `data`."""
     mesh = rc.mesh.build()
     d = data_size(mesh)
-    if rc.calibration.batch_size % d:
+    if rc.method != "policy_gradient" and rc.calibration.batch_size % d:   # the supernet splits its batches
         raise ValueError(f"calibration.batch_size ({rc.calibration.batch_size}) must be a multiple of the mesh's "
                          f"data axis ({d} devices); change it or set mesh.data")
     return mesh
@@ -130,6 +130,18 @@ def _cached_json(path: pathlib.Path, key: dict, compute):
     return value
 
 
+def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path, progress: bool):
+    """Keep-probabilities learned on the calibration corpus (resumable under OUT/policy_gradient), top-k, sliced."""
+    from tyr_jax.pruning import policy_gradient
+
+    stream = sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus))
+    return policy_gradient.prune(model.weights, model.cfg, stream, rc.policy_gradient, rc.supernet.target_sparsity,
+                                 out / "policy_gradient", calib_bt=calib, calib_batch_size=rc.calibration.batch_size,
+                                 fingerprint={"model": rc.model, "dtype": rc.dtype,
+                                              "calibration": to_dict(rc.calibration)},
+                                 progress=progress)
+
+
 def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     """Calibration → supernet(s) → search (coarse-to-fine) → export → evaluation on the mesh of
     `rc.mesh`; resumable. With several processes every one runs this; process 0 writes the files."""
@@ -151,6 +163,8 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     num_levels = rc.supernet.num_levels
     centres, history = (None, None), []
     iterations = rc.search.iterations if rc.searches else 1
+    if rc.method == "policy_gradient":  # no supernet: learned masks (ALGORITHMS.md §2)
+        iterations = 0
     for t in range(iterations):
         scfg = dataclasses.replace(rc.supernet, step=search.step_for_iteration(rc.supernet.step, t))
         plan = LevelPlan.centred(cfg, scfg, *centres)
@@ -172,7 +186,10 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
             del bank
             history.append([float(h) for h in hist])
             centres = search.removal_fractions(plan, best, cfg)
-    weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
+    if rc.method == "policy_gradient":
+        weights, pruned_cfg, pg_report = _policy_gradient(rc, model, calib, out, progress)
+    else:
+        weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
     weights = place(weights, mesh)
     # The run owns OUT/model: a resumed run rewrites the same model (gathered by all, written by one).
     host_weights = jax.tree.map(to_host, weights)
@@ -198,6 +215,8 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
         "export": report,
         "wall_time_s": time.perf_counter() - start,
     }
+    if rc.method == "policy_gradient":
+        summary["policy_gradient"] = pg_report
     write_json(out / "summary.json", summary)
     if is_primary():
         plots.plot_layers(per_layer, cfg.num_kv_heads, cfg.intermediate_size, out / "per_layer.png",

@@ -14,13 +14,15 @@ from typing import Any
 
 import yaml
 
+from tyr_jax.pruning.policy_gradient import PolicyGradientConfig
 from tyr_jax.search import SearchConfig
 from tyr_jax.sharding import make_mesh
 from tyr_jax.supernet import SupernetConfig
 
 # `method:` → the local pruner that builds the copies, and whether a global search follows.
 METHODS = {"tyr": ("tyr", True), "uniform": ("tyr", False), "flap": ("flap", False),
-           "wanda_sp": ("wanda_sp", False), "magnitude": ("magnitude", False)}
+           "wanda_sp": ("wanda_sp", False), "magnitude": ("magnitude", False),
+           "policy_gradient": ("tyr", False)}  # learns masks instead (section policy_gradient:); no supernet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,7 @@ class RunConfig:
     calibration: CalibrationConfig = CalibrationConfig()
     supernet: SupernetConfig = SupernetConfig()
     search: SearchConfig = SearchConfig()
+    policy_gradient: PolicyGradientConfig = PolicyGradientConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
 

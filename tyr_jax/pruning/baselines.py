@@ -52,11 +52,17 @@ def wanda_sp(w_io: Float[Array, "I O"], stats: SublayerStats, *, unit_size: int,
     as used by An et al. 2024 and by the Týr paper's baselines).
     """
     _check(w_io, stats, unit_size, removals)
-    w = w_io.astype(jnp.float32)
     x_norm_i = jnp.sqrt(jnp.maximum(jnp.diagonal(stats.hessian_ii), 0.0))
-    score_u = _unit_sum(jnp.sum(jnp.abs(w), axis=1) * x_norm_i, unit_size)
-    keep_eu = keep_lowest_removed(score_u, removals)
+    keep_eu = keep_lowest_removed(wanda_sp_scores(w_io, x_norm_i, unit_size), removals)
     return LevelResult(keep_eu, masked_rows(w_io, keep_eu, unit_size), None)
+
+
+def wanda_sp_scores(w_io: Float[Array, "I O"], x_norm_i: Float[Array, " I"], unit_size: int) -> Float[Array, " U"]:
+    """The Wanda-sp metric of every unit, score_u = Σ_{j∈u} Σ_o |W_jo| · ‖X_j‖₂, in fp32.
+
+    Shared with the policy-gradient initialisation (`tyr_jax.pruning.policy_gradient`), which has the
+    input norms ‖X_j‖₂ without a Hessian."""
+    return _unit_sum(jnp.sum(jnp.abs(w_io.astype(jnp.float32)), axis=1) * x_norm_i, unit_size)
 
 
 @register("flap")

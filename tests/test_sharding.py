@@ -74,7 +74,7 @@ def test_mesh_section_is_validated_with_clear_errors():
         build_mesh(load_run_config(None, ["calibration.batch_size=4", "calibration.num_sequences=8"]))
 
 
-@pytest.mark.parametrize("shape", [MESHES[0], MESHES[2]], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_supernet_on_a_mesh_equals_one_device(single, tmp_path, shape):
     store, _, _, _ = single
     sharded, _ = _build(tmp_path / "mesh", make_mesh(*shape))

@@ -21,11 +21,19 @@ import numpy as np
 
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig, RopeConfig
+from tyr_jax.sharding import weight_shardings
 
 LLAMA31_8B = ModelConfig(
     vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
     intermediate_size=14336, rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0,
     low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
+
+
+def created_sharded(fn, abstract, mesh):
+    """jit(fn) whose outputs are created already placed by the sharding table (no mesh: default device)."""
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, out_shardings=weight_shardings(abstract, mesh))
 
 
 def timed(fn, *args, repeats: int) -> list[float]:

@@ -19,33 +19,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_forward import LLAMA31_8B, matmul_ceiling, model_flops
+from bench_forward import LLAMA31_8B, created_sharded, matmul_ceiling, model_flops
 from tyr_jax import search
 from tyr_jax.models import llama
 from tyr_jax.supernet import LevelPlan, SupernetConfig
 
 
 def random_bank(cfg, num_levels, key) -> search.LevelBank:
-    l, e, d, f, k = cfg.num_layers, num_levels, cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads
-    kgh = k * cfg.q_per_kv * cfg.head_dim
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    normal = lambda kk, shape: (0.02 * jax.random.normal(kk, shape, jnp.float32)).astype(jnp.bfloat16)  # noqa: E731
-    return search.LevelBank(
-        o_le=normal(k1, (l, e, kgh, d)), attn_keep_le=(jax.random.uniform(k3, (l, e, k)) > 0.5).astype(jnp.float32),
-        attn_bias_le=jnp.zeros((l, e, d), jnp.bfloat16), down_le=normal(k2, (l, e, f, d)),
-        mlp_keep_le=(jax.random.uniform(k4, (l, e, f)) > 0.5).astype(jnp.float32),
-        mlp_bias_le=jnp.zeros((l, e, d), jnp.bfloat16))
+    """Random bf16 copies and keep masks in the bank's shapes (`search.abstract_bank`)."""
+    shapes = search.abstract_bank(cfg, num_levels, jnp.bfloat16)
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(key, len(leaves))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+
+    def make(leaf, k, path):
+        if "keep" in path:
+            return (jax.random.uniform(k, leaf.shape) > 0.5).astype(leaf.dtype)
+        if "bias" in path:
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
+
+    return jax.tree.unflatten(treedef, [make(*a) for a in zip(leaves, keys, paths)])
 
 
-def time_generation(num_layers: int, scfg: search.SearchConfig, generations: int) -> dict:
-    cfg = dataclasses.replace(LLAMA31_8B, num_layers=num_layers)
+def time_generation(num_layers: int, scfg: search.SearchConfig, generations: int, mesh=None,
+                    base=LLAMA31_8B) -> dict:
+    """Seconds per generation (median after a compiling one) with `num_layers` layers of `base`."""
+    cfg = dataclasses.replace(base, num_layers=num_layers)
     key = jax.random.key(0)
-    weights = jax.jit(llama.init_weights, static_argnames=("cfg", "dtype"))(cfg, key=key, dtype=jnp.bfloat16)
-    bank = jax.jit(random_bank, static_argnums=(0, 1))(cfg, 9, key)
+    weights = created_sharded(lambda k: llama.init_weights(cfg, key=k, dtype=jnp.bfloat16),
+                              llama.abstract_weights(cfg, jnp.bfloat16), mesh)(key)
+    bank = created_sharded(lambda k: random_bank(cfg, 9, k), search.abstract_bank(cfg, 9, jnp.bfloat16), mesh)(key)
     plan = LevelPlan.centred(cfg, SupernetConfig())
     tokens = np.asarray(jax.random.randint(key, (scfg.pool_sequences, scfg.seq_len), 0, cfg.vocab_size), np.int32)
     start = time.perf_counter()
-    pool = search.FitnessPool(weights, cfg, tokens, scfg, progress=False)
+    pool = search.FitnessPool(weights, cfg, tokens, scfg, mesh=mesh, progress=False)
+    jax.block_until_ready(pool.idx)
     pool_s = time.perf_counter() - start
     parent = np.full((2, num_layers), 4, np.int32)
     times = []

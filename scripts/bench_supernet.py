@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_forward import LLAMA31_8B, matmul_ceiling
+from bench_forward import LLAMA31_8B, created_sharded, matmul_ceiling
 from tyr_jax.models import llama
 from tyr_jax.pruning import SublayerStats, get_pruner
 from tyr_jax.supernet import LevelPlan, SupernetConfig, SupernetStore, build_supernet, fingerprint
@@ -47,6 +47,26 @@ def time_pruner(d_in, d_out, unit, removals, round_size, *, key):
         times.append(time.perf_counter() - start)
     return {"seconds": float(np.median(times)), "first_call_s": first, "round_size": round_size,
             "rounds": int(np.ceil(max(removals) / round_size))}
+
+
+def time_block(cfg, scfg, tokens: int, seq_len: int, batch: int, mesh=None) -> dict:
+    """One block of `build_supernet` on `tokens` random calibration tokens (random bf16 weights of
+    `cfg`'s shapes, created on `mesh`): seconds of a compiled run ({total,prune,save}_s) and of the first."""
+    one = dataclasses.replace(cfg, num_layers=1)
+    weights = created_sharded(lambda k: llama.init_weights(one, key=k, dtype=jnp.bfloat16),
+                              llama.abstract_weights(one, jnp.bfloat16), mesh)(jax.random.key(0))
+    calib = np.asarray(jax.random.randint(jax.random.key(1), (tokens // seq_len, seq_len), 0, cfg.vocab_size))
+    plan = LevelPlan.centred(one, scfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SupernetStore(tmp, fingerprint(one, scfg, plan, calib, "random", jnp.bfloat16))
+        start = time.perf_counter()
+        build_supernet(weights, one, calib, scfg, plan, store, batch_size=batch, progress=False, mesh=mesh)
+        first = time.perf_counter() - start
+        # Second build of the same block in a fresh store: compiled, so this is the steady-state time.
+        timings = {"first_call_s": first}
+        build_supernet(weights, one, calib, scfg, plan, SupernetStore(tmp + "/again", store.fingerprint),
+                       batch_size=batch, progress=False, mesh=mesh, timings=timings)
+    return timings
 
 
 def main():
@@ -75,21 +95,8 @@ def main():
     print(f"o_proj 9 levels, 1 KV group/round: {r['seconds']:.2f} s")
 
     if not args.skip_block:
-        one = dataclasses.replace(cfg, num_layers=1)
-        weights = jax.jit(llama.init_weights, static_argnames=("cfg", "dtype"))(one, key=key, dtype=jnp.bfloat16)
-        n_seq = args.tokens // args.seq_len
-        tokens = np.asarray(jax.random.randint(jax.random.key(1), (n_seq, args.seq_len), 0, cfg.vocab_size))
-        plan1 = LevelPlan(plan.attn[:1], plan.mlp[:1])
-        with tempfile.TemporaryDirectory() as tmp:
-            store = SupernetStore(tmp, fingerprint(one, scfg, plan1, tokens, "random-8b", jnp.bfloat16))
-            start = time.perf_counter()
-            build_supernet(weights, one, tokens, scfg, plan1, store, batch_size=args.batch, progress=False)
-            first = time.perf_counter() - start
-            # Second build of the same block in a fresh store: compiled, so this is the steady-state time.
-            store2 = SupernetStore(tmp + "/again", store.fingerprint)
-            timings = {}
-            build_supernet(weights, one, tokens, scfg, plan1, store2, batch_size=args.batch, progress=False,
-                           timings=timings)
+        timings = time_block(cfg, scfg, args.tokens, args.seq_len, args.batch)
+        first = timings["first_call_s"]
         block_s, prune_s, save_s = timings["total_s"], timings["prune_s"], timings["save_s"]
         token_s = block_s - prune_s - save_s  # statistics and propagation: linear in tokens
         per_block_4m = prune_s + save_s + token_s * (4 * 2 ** 20) / args.tokens

@@ -20,6 +20,7 @@ supernet: {{target_sparsity: 0.5, min_step_channels: 4, mlp_round_size: 4}}
 search: {{iterations: 2, generations: 2, offspring: 6, stage_candidates: [4, 2], stage_tokens: [64, 64, 128],
           top_k: 16, pool_sequences: 8, seq_len: 32, token_batch: 2, candidate_batch: 3}}
 eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
+mesh: {{data: 2, model: 2}}
 """)
     out = tmp_path / "run"
     assert main(["prune", "--config", str(cfg_file), "--out", str(out)]) == 0

@@ -58,13 +58,13 @@ def test_topk_kl_matches_numpy_and_vanishes_for_the_dense_model(setup):
     tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 10)).astype(np.int32)
     idx, logp = search.dense_topk(weights, tokens, CFG, 16)
     dense = llama.forward(weights, tokens, CFG)
-    assert float(search.topk_kl(dense, idx, logp)) == pytest.approx(0.0, abs=1e-5)
+    assert float(search.topk_kl(dense, idx, logp).sum()) == pytest.approx(0.0, abs=1e-5)
     other = np.asarray(dense) + np.random.default_rng(5).normal(size=dense.shape)
     pick = np.take_along_axis(other[:, :-1], np.asarray(idx), -1)
     logq = pick - np.log(np.exp(pick - pick.max(-1, keepdims=True)).sum(-1, keepdims=True)) - pick.max(-1, keepdims=True)
     p = np.exp(np.asarray(logp, np.float64))
     want = np.sum(p * (np.asarray(logp) - logq))
-    assert float(search.topk_kl(jnp.asarray(other, jnp.float32), idx, logp)) == pytest.approx(want, rel=1e-4)
+    assert float(search.topk_kl(jnp.asarray(other, jnp.float32), idx, logp).sum()) == pytest.approx(want, rel=1e-4)
 
 
 def test_search_is_deterministic_budget_exact_and_resumes(setup, tmp_path, monkeypatch):

@@ -82,24 +82,43 @@ def _add_supernet(sub):
                        description="Prunes every sublayer at E sparsity levels with expectation error "
                                    "accumulation and stores the copies with Orbax under OUT/supernet. "
                                    "Re-running the same command resumes after the last finished block.")
-    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
-    p.add_argument("--out", default=None, help="output directory (overrides the config's out)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. supernet.target_sparsity=0.25")
+    _add_run_args(p, "supernet.target_sparsity=0.25 mesh.model=2")
     p.set_defaults(func=cmd_supernet)
 
 
+def _add_run_args(p, example: str):
+    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
+    p.add_argument("--out", default=None, help="output directory (overrides the config's out)")
+    p.add_argument("--distributed", action="store_true",
+                   help="one process of several (hosts): call jax.distributed.initialize first; the cluster "
+                        "(SLURM, Open MPI, Cloud TPU pod) is detected, or give the three options below")
+    p.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0 "
+                                                       "(or set JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+
+
 def _run_config(args):
+    """Starts the distributed runtime if asked (before anything touches a device), then reads the config."""
     from tyr_jax.runconfig import load_run_config
 
+    if args.distributed:
+        from tyr_jax.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.coordinator or args.num_processes is not None or args.process_id is not None:
+        raise ValueError("--coordinator, --num-processes and --process-id go with --distributed")
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     return load_run_config(args.config, overrides)
 
 
 def cmd_supernet(args):
+    from tyr_jax.distributed import is_primary
     from tyr_jax.pipeline import run_supernet
 
     rc = _run_config(args)
-    _, store, plan = run_supernet(rc)
+    _, store, plan = run_supernet(rc, progress=is_primary())
     print(f"supernet of {rc.model}: {store.num_blocks()} blocks × {len(plan.attn[0])} levels in {store.root}")
 
 
@@ -107,17 +126,16 @@ def _add_prune(sub):
     p = sub.add_parser("prune", help="prune a model: calibration, supernet, search, export, evaluation",
                        description="The whole pipeline; re-running the same command resumes it. Writes "
                                    "OUT/model (the smaller model), OUT/summary.json and PNG plots.")
-    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
-    p.add_argument("--out", default=None, help="output directory (overrides the config's out)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=flap search.generations=10")
+    _add_run_args(p, "method=flap search.generations=10 mesh.data=4")
     p.set_defaults(func=cmd_prune)
 
 
 def cmd_prune(args):
+    from tyr_jax.distributed import is_primary
     from tyr_jax.pipeline import run_prune
 
     rc = _run_config(args)
-    s = run_prune(rc)
+    s = run_prune(rc, progress=is_primary())
     p = s["params"]
     print(f"{rc.method}: {p['prunable_pruned'] / p['prunable_dense']:.1%} of the prunable parameters kept; "
           f"perplexity {s['ppl']['dense']:.3f} → {s['ppl']['pruned']:.3f} on {s['ppl']['text']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -10,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tyr_jax.data import corpora, sampler
+from tyr_jax.distributed import is_primary
 from tyr_jax.evaluation.perplexity import perplexity
 from tyr_jax.loading import LoadedModel, load_model
 from tyr_jax.runconfig import CalibrationConfig, RunConfig, to_dict
+from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
 from tyr_jax.supernet import LevelPlan, SupernetStore, assemble, build_supernet, fingerprint
 
 
@@ -31,12 +34,38 @@ def eval_windows(tokenizer, rc: RunConfig) -> np.ndarray:
     return sampler.token_windows(tokens, rc.eval.seq_len, rc.eval.max_tokens)
 
 
+def build_mesh(rc: RunConfig):
+    """The run's mesh (`rc.mesh`), checked against the batch sizes that must split over `data`."""
+    mesh = rc.mesh.build()
+    d = data_size(mesh)
+    if rc.method != "policy_gradient" and rc.calibration.batch_size % d:   # the supernet splits its batches
+        raise ValueError(f"calibration.batch_size ({rc.calibration.batch_size}) must be a multiple of the mesh's "
+                         f"data axis ({d} devices); change it or set mesh.data")
+    return mesh
+
+
+def place(weights, mesh):
+    """Weights placed on `mesh` by the sharding table (a no-op for weights already there)."""
+    return jax.device_put(weights, weight_shardings(weights, mesh))
+
+
+def write_json(path: pathlib.Path, value) -> None:
+    """Writes a run file once: on process 0 only."""
+    if is_primary():
+        path.write_text(json.dumps(value, indent=1))
+
+
 def run_supernet(rc: RunConfig, model: LoadedModel | None = None, *, calib: np.ndarray | None = None,
                  progress: bool = True):
-    """Builds (or resumes) the supernet of `rc` under `<out>/supernet`; returns (model, store, plan).
+    """Builds (or resumes) the supernet of `rc` under `<out>/supernet` on the mesh of `rc.mesh`;
+    returns (model, store, plan), the model's weights placed on the mesh.
 
     `calib` overrides the calibration windows that `rc.calibration` would sample."""
-    model = model or load_model(rc.model, dtype=model_dtype(rc))
+    mesh = build_mesh(rc)
+    if model is None:
+        model = load_model(rc.model, dtype=model_dtype(rc), shardings=lambda w: weight_shardings(w, mesh))
+    else:
+        model = dataclasses.replace(model, weights=place(model.weights, mesh))
     if calib is None:
         if model.tokenizer is None:
             raise ValueError(f"{rc.model} has no tokenizer; calibration text cannot be tokenized")
@@ -45,9 +74,9 @@ def run_supernet(rc: RunConfig, model: LoadedModel | None = None, *, calib: np.n
     out = pathlib.Path(rc.out)
     store = SupernetStore(out / "supernet", fingerprint(model.cfg, rc.supernet, plan, calib, rc.model,
                                                         model.weights.embed_vd.dtype))
-    (out / "run_config.json").write_text(json.dumps(to_dict(rc), indent=1))
+    write_json(out / "run_config.json", to_dict(rc))
     build_supernet(model.weights, model.cfg, calib, rc.supernet, plan, store,
-                   batch_size=rc.calibration.batch_size, progress=progress)
+                   batch_size=rc.calibration.batch_size, progress=progress, mesh=mesh)
     return model, store, plan
 
 
@@ -69,15 +98,19 @@ def prunable_params(weights) -> int:
     return total
 
 
-def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool) -> dict:
-    stats = perplexity(weights, cfg, windows, batch_size=rc.eval.batch_size, progress=progress)
+def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, mesh) -> dict:
+    """Perplexity and zero-shot accuracy of weights placed on `mesh` (batches split over `data` where
+    they divide)."""
+    split = rc.eval.batch_size % data_size(mesh) == 0
+    stats = perplexity(weights, cfg, windows, batch_size=rc.eval.batch_size, progress=progress,
+                       data_sharding=batch_sharding(mesh) if split else replicated(mesh))
     result = {"ppl": stats["ppl"], "tokens_scored": stats["tokens_scored"], "seq_len": stats["seq_len"]}
     if rc.eval.tasks:
         from tyr_jax.evaluation import zeroshot
         from tyr_jax.models import llama
 
         logprobs = jax.jit(lambda w, tok, tgt: llama.token_logprobs(w, tok, tgt, cfg))
-        scores = zeroshot.evaluate(lambda tok, tgt: logprobs(weights, tok, tgt), tokenizer, rc.eval.tasks,
+        scores = zeroshot.evaluate(lambda tok, tgt: to_host(logprobs(weights, tok, tgt)), tokenizer, rc.eval.tasks,
                                    limit=rc.eval.limit, batch_size=rc.eval.batch_size, progress=progress)
         result["zeroshot"] = {task: s["acc_norm"] for task, s in scores.items()}
     return result
@@ -90,9 +123,10 @@ def _cached_json(path: pathlib.Path, key: dict, compute):
         if saved.get("key") == key:
             return saved["value"]
     value = compute()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "value": value}))
-    tmp.replace(path)
+    if is_primary():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "value": value}))
+        tmp.replace(path)
     return value
 
 
@@ -109,19 +143,19 @@ def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: 
 
 
 def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
-    """Calibration → supernet(s) → search (coarse-to-fine) → export → evaluation; resumable."""
-    import dataclasses
+    """Calibration → supernet(s) → search (coarse-to-fine) → export → evaluation on the mesh of
+    `rc.mesh`; resumable. With several processes every one runs this; process 0 writes the files."""
     import time
 
     from tyr_jax import plots, search
     from tyr_jax.export import export_model
-    from tyr_jax.supernet import LevelPlan, SupernetStore, assemble, build_supernet, fingerprint
 
     start = time.perf_counter()
+    mesh = build_mesh(rc)
     out = pathlib.Path(rc.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(to_dict(rc), indent=1))
-    model = load_model(rc.model, dtype=model_dtype(rc))
+    write_json(out / "run_config.json", to_dict(rc))
+    model = load_model(rc.model, dtype=model_dtype(rc), shardings=lambda w: weight_shardings(w, mesh))
     if model.tokenizer is None:
         raise ValueError(f"{rc.model} has no tokenizer; calibration and evaluation text cannot be tokenized")
     cfg, dtype = model.cfg, model.weights.embed_vd.dtype
@@ -138,15 +172,15 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
                               fingerprint(cfg, scfg, plan, calib, rc.model, dtype))
         print(f"iteration {t + 1}/{iterations}: supernet with Δ = {scfg.step:.4%}")
         build_supernet(model.weights, cfg, calib, scfg, plan, store, batch_size=rc.calibration.batch_size,
-                       progress=progress)
+                       progress=progress, mesh=mesh)
         best = np.full((2, cfg.num_layers), num_levels // 2, np.int32)
         if rc.searches:
             if t == 0:
                 pool_tokens = sampler.sample_windows(
                     sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus)),
                     rc.search.pool_sequences, rc.search.seq_len, key=jax.random.key(rc.calibration.seed + 1))
-                pool = search.FitnessPool(model.weights, cfg, pool_tokens, rc.search, progress)
-            bank = search.load_bank(store, cfg, num_levels, dtype)
+                pool = search.FitnessPool(model.weights, cfg, pool_tokens, rc.search, mesh=mesh, progress=progress)
+            bank = search.load_bank(store, cfg, num_levels, dtype, mesh)
             best, hist = search.run_search(model.weights, cfg, plan, bank, pool, rc.search,
                                            out / f"iteration_{t}" / "search", iteration=t, progress=progress)
             del bank
@@ -156,13 +190,16 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
         weights, pruned_cfg, pg_report = _policy_gradient(rc, model, calib, out, progress)
     else:
         weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
-    # The run owns OUT/model: a resumed run rewrites the same model.
-    report = export_model(weights, pruned_cfg, out / "model", tokenizer=model.tokenizer, overwrite=True)
+    weights = place(weights, mesh)
+    # The run owns OUT/model: a resumed run rewrites the same model (gathered by all, written by one).
+    host_weights = jax.tree.map(to_host, weights)
+    report = (export_model(host_weights, pruned_cfg, out / "model", tokenizer=model.tokenizer, overwrite=True)
+              if is_primary() else None)
     windows = eval_windows(model.tokenizer, rc)
     eval_key = {"model": rc.model, "dtype": rc.dtype, "eval": to_dict(rc.eval)}
     dense = _cached_json(out / "dense_eval.json", eval_key,
-                         lambda: _evaluate(model.weights, cfg, model.tokenizer, rc, windows, progress))
-    pruned = _evaluate(weights, pruned_cfg, model.tokenizer, rc, windows, progress)
+                         lambda: _evaluate(model.weights, cfg, model.tokenizer, rc, windows, progress, mesh))
+    pruned = _evaluate(weights, pruned_cfg, model.tokenizer, rc, windows, progress, mesh)
     per_layer = [{"layer": i, "kv_groups_kept": int(pruned_cfg.layer_kv_groups(i)),
                   "mlp_channels_kept": int(pruned_cfg.layer_mlp_width(i))} for i in range(cfg.num_layers)]
     summary = {
@@ -180,9 +217,10 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     }
     if rc.method == "policy_gradient":
         summary["policy_gradient"] = pg_report
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plots.plot_layers(per_layer, cfg.num_kv_heads, cfg.intermediate_size, out / "per_layer.png",
-                      f"{rc.method} on {rc.model}: kept per layer")
-    if history:
-        plots.plot_fitness(history, out / "fitness.png")
+    write_json(out / "summary.json", summary)
+    if is_primary():
+        plots.plot_layers(per_layer, cfg.num_kv_heads, cfg.intermediate_size, out / "per_layer.png",
+                          f"{rc.method} on {rc.model}: kept per layer")
+        if history:
+            plots.plot_fitness(history, out / "fitness.png")
     return summary

@@ -16,6 +16,7 @@ import yaml
 
 from tyr_jax.pruning.policy_gradient import PolicyGradientConfig
 from tyr_jax.search import SearchConfig
+from tyr_jax.sharding import make_mesh
 from tyr_jax.supernet import SupernetConfig
 
 # `method:` → the local pruner that builds the copies, and whether a global search follows.
@@ -55,6 +56,33 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh: `data` devices split calibration / fitness windows and search candidates, `model`
+    devices split heads, MLP channels and vocab (`tyr_jax.sharding.LOGICAL_RULES`). `data: null` uses
+    every device that `model` leaves. The mesh does not change what is computed (beyond floating-point
+    summation order), so a run may be resumed on another mesh."""
+
+    data: int | None = None
+    model: int = 1
+
+    def __post_init__(self):
+        for name in ("data", "model"):
+            value = getattr(self, name)
+            if value is None and name == "data":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"mesh.{name} must be a positive integer{' or null' if name == 'data' else ''}, "
+                                 f"got {value!r}")
+
+    def build(self, devices=None):
+        """The `jax.sharding.Mesh` over `devices` (default: all, of every process)."""
+        try:
+            return make_mesh(self.data, self.model, devices)
+        except ValueError as e:
+            raise ValueError(f"config section mesh: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: str = "smollm2-135m"
     out: str = "runs/default"
@@ -65,6 +93,7 @@ class RunConfig:
     search: SearchConfig = SearchConfig()
     policy_gradient: PolicyGradientConfig = PolicyGradientConfig()
     eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):

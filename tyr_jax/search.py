@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
+from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
 from tyr_jax.supernet import LevelPlan, SupernetStore, expand_level
 
 
@@ -63,36 +65,54 @@ class SearchConfig:
 # -- the copies, stacked for gathering ---------------------------------------------------------
 
 
+def _bank_axes(*names):
+    return dataclasses.field(metadata={"axes": names})
+
+
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["o_le", "attn_keep_le", "attn_bias_le", "down_le", "mlp_keep_le", "mlp_bias_le"],
                    meta_fields=[])
 @dataclasses.dataclass
 class LevelBank:
-    """Every copy of every sublayer at full (dense) shape, removed rows zero: [L, E, ...]."""
+    """Every copy of every sublayer at full (dense) shape, removed rows zero: one array per layer,
+    [E, ...], with logical axes for `sharding.weight_shardings` (rows split over `model` like the
+    projection they replace)."""
 
-    o_le: jax.Array          # [L, E, K·G·H, D]
-    attn_keep_le: jax.Array  # [L, E, K]
-    attn_bias_le: jax.Array  # [L, E, D] (zeros unless the pruner adds a bias)
-    down_le: jax.Array       # [L, E, F, D]
-    mlp_keep_le: jax.Array   # [L, E, F]
-    mlp_bias_le: jax.Array   # [L, E, D]
+    o_le: list[jax.Array] = _bank_axes(None, "kv", "embed")          # [E, K·G·H, D]
+    attn_keep_le: list[jax.Array] = _bank_axes(None, "kv")           # [E, K]
+    attn_bias_le: list[jax.Array] = _bank_axes(None, "embed")        # [E, D] (zeros unless the pruner adds one)
+    down_le: list[jax.Array] = _bank_axes(None, "mlp", "embed")      # [E, F, D]
+    mlp_keep_le: list[jax.Array] = _bank_axes(None, "mlp")           # [E, F]
+    mlp_bias_le: list[jax.Array] = _bank_axes(None, "embed")         # [E, D]
 
 
-def load_bank(store: SupernetStore, cfg: ModelConfig, num_levels: int, dtype) -> LevelBank:
+def abstract_bank(cfg: ModelConfig, num_levels: int, dtype) -> LevelBank:
+    """`jax.ShapeDtypeStruct`s of the bank of a dense `cfg` (for `jax.eval_shape` and memory plans)."""
+    e, d, f = num_levels, cfg.hidden_size, cfg.intermediate_size
+    k, kgh = cfg.num_kv_heads, cfg.num_kv_heads * cfg.q_per_kv * cfg.head_dim
+    s = lambda *shape, t=dtype: [jax.ShapeDtypeStruct(shape, t)] * cfg.num_layers  # noqa: E731
+    return LevelBank(s(e, kgh, d), s(e, k, t=jnp.float32), s(e, d), s(e, f, d), s(e, f, t=jnp.float32), s(e, d))
+
+
+def load_bank(store: SupernetStore, cfg: ModelConfig, num_levels: int, dtype, mesh=None) -> LevelBank:
+    """The stored copies, expanded to dense shape one layer at a time and placed on `mesh` by the table."""
     g_h, d = cfg.q_per_kv * cfg.head_dim, cfg.hidden_size
-    o, ak, ab, down, mk, mb = [], [], [], [], [], []
+    shardings = None if mesh is None else weight_shardings(abstract_bank(cfg, num_levels, dtype), mesh)
+    layers = {f.name: [] for f in dataclasses.fields(LevelBank)}
     for i in range(cfg.num_layers):
         blk = store.load_block(i)
         levels = [(blk["attn"][f"level_{e}"], blk["mlp"][f"level_{e}"]) for e in range(num_levels)]
-        o.append([expand_level(a, g_h, d, np.float32) for a, _ in levels])
-        down.append([expand_level(m, 1, d, np.float32) for _, m in levels])
-        ak.append([a["keep"] for a, _ in levels])
-        mk.append([m["keep"] for _, m in levels])
-        ab.append([a.get("bias", np.zeros(d, np.float32)) for a, _ in levels])
-        mb.append([m.get("bias", np.zeros(d, np.float32)) for _, m in levels])
-    as_ = lambda x, t: jnp.asarray(np.asarray(x), t)  # noqa: E731
-    return LevelBank(as_(o, dtype), as_(ak, jnp.float32), as_(ab, dtype), as_(down, dtype), as_(mk, jnp.float32),
-                     as_(mb, dtype))
+        host = {"o_le": ([expand_level(a, g_h, d, np.float32) for a, _ in levels], dtype),
+                "attn_keep_le": ([a["keep"] for a, _ in levels], jnp.float32),
+                "attn_bias_le": ([a.get("bias", np.zeros(d, np.float32)) for a, _ in levels], dtype),
+                "down_le": ([expand_level(m, 1, d, np.float32) for _, m in levels], dtype),
+                "mlp_keep_le": ([m["keep"] for _, m in levels], jnp.float32),
+                "mlp_bias_le": ([m.get("bias", np.zeros(d, np.float32)) for _, m in levels], dtype)}
+        for name, (value, t) in host.items():
+            value = np.asarray(value).astype(t)
+            layers[name].append(jnp.asarray(value) if mesh is None
+                                else jax.device_put(value, getattr(shardings, name)[i]))
+    return LevelBank(**layers)
 
 
 def candidate_logits(weights: llama.Weights, bank: LevelBank, attn_level, mlp_level, tokens_bt, cfg: ModelConfig):
@@ -101,17 +121,20 @@ def candidate_logits(weights: llama.Weights, bank: LevelBank, attn_level, mlp_le
     rope = llama.rope_tables(cfg, llama.default_positions(tokens_bt))
     x = llama.embed(weights, tokens_bt)
     for i, blk in enumerate(weights.blocks):
-        a, m = attn_level[i], mlp_level[i]
-        o_bias = bank.attn_bias_le[i, a] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
-        attn = dataclasses.replace(blk.attn, o_kghd=bank.o_le[i, a].reshape(k, g, h, d), o_bias_d=o_bias)
-        x = x + llama.attention(attn, x, cfg, rope, kv_mask_k=bank.attn_keep_le[i, a])
-        down_bias = bank.mlp_bias_le[i, m] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
-        mlp_w = dataclasses.replace(blk.mlp, down_fd=bank.down_le[i, m], down_bias_d=down_bias)
-        x = x + llama.mlp(mlp_w, x, cfg, mask_f=bank.mlp_keep_le[i, m])
+        # The indices depend on x (+0), so each layer's copies are gathered when that layer runs; else
+        # XLA may gather all layers' copies up front and hold L of them at once (an optimization
+        # barrier does not stop that on CPU).
+        after_x = (0 * x[0, 0, 0]).astype(jnp.int32)
+        a, m = attn_level[i] + after_x, mlp_level[i] + after_x
+        o_bias = bank.attn_bias_le[i][a] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
+        attn = dataclasses.replace(blk.attn, o_kghd=bank.o_le[i][a].reshape(k, g, h, d), o_bias_d=o_bias)
+        x = x + llama.attention(attn, x, cfg, rope, kv_mask_k=bank.attn_keep_le[i][a])
+        down_bias = bank.mlp_bias_le[i][m] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
+        mlp_w = dataclasses.replace(blk.mlp, down_fd=bank.down_le[i][m], down_bias_d=down_bias)
+        x = x + llama.mlp(mlp_w, x, cfg, mask_f=bank.mlp_keep_le[i][m])
     return llama.unembed(weights, x, cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k"))
 def dense_topk(weights, tokens_bt, cfg: ModelConfig, k: int):
     """Indices and log-probabilities (renormalised over the k) of the dense model's top-k, positions 0..T-2."""
     logits = llama.forward(weights, tokens_bt, cfg)[:, :-1]
@@ -119,22 +142,55 @@ def dense_topk(weights, tokens_bt, cfg: ModelConfig, k: int):
     return idx.astype(jnp.int32), jax.nn.log_softmax(values, axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "batch", "mesh"))
+def pool_topk(weights, tokens_nt, cfg: ModelConfig, k: int, batch: int, mesh=None):
+    """`dense_topk` of every pool window, `batch` windows at a time: [N, T-1, k] twice.
+
+    With a mesh, every `data` device computes and keeps its own N/D windows (the cache never moves)."""
+
+    def local(weights, tokens):
+        n, t = tokens.shape
+        idx, logp = jax.lax.map(lambda tok: dense_topk(weights, tok, cfg, k), tokens.reshape(n // batch, batch, t))
+        return idx.reshape(n, t - 1, k), logp.reshape(n, t - 1, k)
+
+    if mesh is None:
+        return local(weights, tokens_nt)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"),
+                         axis_names={"data"})(weights, tokens_nt)
+
+
 def topk_kl(logits_btv, idx_btk, logp_btk):
-    """Σ over tokens of KL(p ‖ q), p and q the dense and candidate distributions over the dense top-k."""
+    """KL(p ‖ q) summed over the positions of each sequence: [B]; p and q the dense and candidate
+    distributions over the dense top-k."""
     picked = jnp.take_along_axis(logits_btv[:, :-1], idx_btk, axis=-1)
     logq = jax.nn.log_softmax(picked, axis=-1)
-    return jnp.sum(jnp.exp(logp_btk) * (logp_btk - logq))
+    return jnp.sum(jnp.exp(logp_btk) * (logp_btk - logq), axis=(1, 2))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "candidate_batch"))
-def candidates_kl(weights, bank, attn_levels_cl, mlp_levels_cl, tokens_bt, idx_btk, logp_btk, cfg, candidate_batch):
-    """Summed top-k KL of C candidates on one token batch: [C]; candidates vmapped in groups."""
+@functools.partial(jax.jit, static_argnames=("cfg", "candidate_batch", "mesh", "over"))
+def candidates_kl(weights, bank, levels_c2l, tokens_bt, idx_ntk, logp_ntk, rows_b, cfg, candidate_batch,
+                  mesh=None, over="tokens"):
+    """Per-sequence top-k KL of C candidates [C, 2, L] on the pool windows `rows_b`: [C, B].
 
-    def one(levels):
-        a, m = levels
-        return topk_kl(candidate_logits(weights, bank, a, m, tokens_bt, cfg), idx_btk, logp_btk)
+    The dense top-k rows are gathered from the pool's cache, which stays split over `data`. With a
+    mesh, `over` says what the `data` devices split: the token batch (every device evaluates all
+    candidates on B/D windows) or the candidates (each device its C/D on all B windows); either way
+    no collective is needed. On each device candidates are vmapped `candidate_batch` at a time.
+    """
+    idx_btk, logp_btk = jnp.take(idx_ntk, rows_b, axis=0), jnp.take(logp_ntk, rows_b, axis=0)
 
-    return jax.lax.map(one, (attn_levels_cl, mlp_levels_cl), batch_size=candidate_batch)
+    def local(weights, bank, levels, tokens, idx, logp):
+        def one(lv):
+            return topk_kl(candidate_logits(weights, bank, lv[0], lv[1], tokens, cfg), idx, logp)
+
+        return jax.lax.map(one, levels, batch_size=candidate_batch)
+
+    if mesh is None:
+        return local(weights, bank, levels_c2l, tokens_bt, idx_btk, logp_btk)
+    cand, tok = (P("data"), P()) if over == "candidates" else (P(), P("data"))
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), cand, tok, tok, tok),
+                         out_specs=P("data", None) if over == "candidates" else P(None, "data"),
+                         axis_names={"data"})(weights, bank, levels_c2l, tokens_bt, idx_btk, logp_btk)
 
 
 # -- mutation ------------------------------------------------------------------------------------
@@ -184,31 +240,51 @@ def mutate(parent: np.ndarray, plan: LevelPlan, rng: np.random.Generator, num: i
 
 
 class FitnessPool:
-    """Fitness windows and their dense top-k (computed once, kept on the host)."""
+    """Fitness windows (on the host) and their dense top-k, computed once and kept on the devices,
+    split over `data` by window."""
 
-    def __init__(self, weights, cfg: ModelConfig, tokens: np.ndarray, scfg: SearchConfig, progress: bool = True):
-        self.tokens = np.asarray(tokens, np.int32)
-        idx, logp = [], []
-        b = scfg.token_batch
-        for s in tqdm(range(0, len(tokens), b), desc="dense top-k", disable=not progress):
-            i, lp = dense_topk(weights, jnp.asarray(self.tokens[s: s + b]), cfg, scfg.top_k)
-            idx.append(np.asarray(i))
-            logp.append(np.asarray(lp))
-        self.idx, self.logp = np.concatenate(idx), np.concatenate(logp)
+    def __init__(self, weights, cfg: ModelConfig, tokens: np.ndarray, scfg: SearchConfig, *, mesh=None,
+                 progress: bool = True):
+        self.tokens, self.mesh = np.asarray(tokens, np.int32), mesh
+        # Padded with copies of the first window to whole calls on every device; those rows are never drawn.
+        padded = np.concatenate([self.tokens, np.repeat(self.tokens[:1], -len(self.tokens) % (
+            scfg.token_batch * data_size(mesh)), axis=0)])
+        if progress:
+            print(f"dense top-{scfg.top_k} of {len(self.tokens)} fitness windows")
+        tokens_nt = jnp.asarray(padded) if mesh is None else jax.device_put(padded, batch_sharding(mesh))
+        self.idx, self.logp = pool_topk(weights, tokens_nt, cfg, scfg.top_k, scfg.token_batch, mesh)
 
 
 def evaluate(weights, bank, cfg, scfg: SearchConfig, pool: FitnessPool, candidates: np.ndarray,
              sequences: np.ndarray) -> np.ndarray:
-    """Mean top-k KL of each candidate [C, 2, L] on the pool windows `sequences`."""
-    total = np.zeros(len(candidates))
-    b = scfg.token_batch
+    """Mean top-k KL of each candidate [C, 2, L] on the pool windows `sequences`.
+
+    On a mesh with D `data` devices, calls take token_batch × D windows split over `data` when the
+    windows divide so; otherwise the candidates are split (padded to a multiple of D with copies of the
+    first, whose scores are dropped). Per-window KLs are summed on the host in window order, so the
+    result does not depend on the split."""
+    mesh, num = pool.mesh, len(candidates)
+    d = data_size(mesh)
+    over = "tokens" if len(sequences) % (scfg.token_batch * d) == 0 else "candidates"
+    b, local = scfg.token_batch * d, num                      # windows per call, candidates per device
+    if over == "candidates":
+        candidates = np.concatenate([candidates, np.repeat(candidates[:1], -num % d, axis=0)])
+        b, local = scfg.token_batch, len(candidates) // d
+
+    def put(a, split: bool):
+        """On the mesh: split over `data` along the first axis, or on every device."""
+        if mesh is None:
+            return jnp.asarray(a)
+        return jax.device_put(a, batch_sharding(mesh, a.ndim) if split else replicated(mesh))
+
+    levels = put(np.asarray(candidates, np.int32), over == "candidates")
+    kl = np.zeros((len(candidates), len(sequences)))
     for s in range(0, len(sequences), b):
-        rows = sequences[s: s + b]
-        kl = candidates_kl(weights, bank, jnp.asarray(candidates[:, 0]), jnp.asarray(candidates[:, 1]),
-                           jnp.asarray(pool.tokens[rows]), jnp.asarray(pool.idx[rows]), jnp.asarray(pool.logp[rows]),
-                           cfg, min(scfg.candidate_batch, len(candidates)))
-        total += np.asarray(kl, np.float64)
-    return total / (len(sequences) * (scfg.seq_len - 1))
+        rows = np.asarray(sequences[s: s + b], np.int32)
+        out = candidates_kl(weights, bank, levels, put(pool.tokens[rows], over == "tokens"), pool.idx, pool.logp,
+                            put(rows, False), cfg, min(scfg.candidate_batch, local), mesh, over)
+        kl[:, s: s + b] = to_host(out)
+    return kl[:num].sum(axis=1) / (len(sequences) * (scfg.seq_len - 1))
 
 
 def generation_step(weights, bank, cfg, scfg: SearchConfig, plan: LevelPlan, pool: FitnessPool,

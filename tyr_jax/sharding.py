@@ -1,56 +1,75 @@
 """Device meshes and the one table that maps logical array axes to mesh axes.
 
-Every weight field declares its logical axes (`tyr_jax.models.llama`, field metadata `axes`); this
-module turns them into `NamedSharding`s for a mesh with axes `data` and `model`. A dimension that the
-mesh axis does not divide (a pruned layer with 3 KV groups on 2 devices) stays replicated.
+Every weight field declares its logical axes (`tyr_jax.models.llama`, field metadata `axes`; the
+search's `LevelBank` likewise); this module turns them into `NamedSharding`s for a mesh with axes
+`data` and `model`. A dimension that its mesh axes do not divide (a pruned layer with 3 KV groups on
+2 devices) stays replicated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# Logical axis → mesh axis. Tokens go over `data`; heads, KV groups, MLP channels and vocab over `model`.
-LOGICAL_RULES: Mapping[str, str | None] = {
+# Logical axis → mesh axis (or axes). Tokens and sequences go over `data`; heads, KV groups, MLP
+# channels and vocab over `model`. The rows of a sublayer's Hessian (and of the pruner's working
+# matrices, which inherit them) go over every device: statistics are reduce-scattered, and the
+# pruner's row updates run in parallel.
+LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "batch": "data",
     "embed": None,
     "kv": "model",
     "head_dim": None,
     "mlp": "model",
     "vocab": "model",
+    "hessian": ("data", "model"),
 }
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
-    """A (data, model) mesh; `data` defaults to all remaining devices."""
+    """A (data, model) mesh; `data` defaults to all devices not used by `model`."""
     devices = list(jax.devices() if devices is None else devices)
+    if model < 1 or (data is not None and data < 1):
+        raise ValueError(f"mesh sizes must be >= 1, got data={data}, model={model}")
     if data is None:
+        if len(devices) % model:
+            raise ValueError(f"mesh.model={model} does not divide the {len(devices)} devices; set mesh.data too")
         data = len(devices) // model
-    if data < 1 or data * model > len(devices):
-        raise ValueError(f"mesh data={data} × model={model} needs {data * model} devices, "
-                         f"but {len(devices)} are available")
+    if data * model > len(devices):
+        raise ValueError(f"mesh data={data} × model={model} needs {data * model} devices, but only "
+                         f"{len(devices)} are available")
+    if jax.process_count() > 1 and data * model != len(devices):
+        raise ValueError(f"with {jax.process_count()} processes the mesh must use all {len(devices)} devices, "
+                         f"got data={data} × model={model}")
+    # `model` innermost: its devices are neighbours (one host, NVLink / ICI), as its collectives are frequent.
     grid = np.asarray(devices[: data * model]).reshape(data, model)
     return Mesh(grid, ("data", "model"))
 
 
 def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-             rules: Mapping[str, str | None] = LOGICAL_RULES) -> P:
+             rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_RULES) -> P:
     """PartitionSpec for an array with logical `axes`; undividable dimensions are replicated."""
     spec = []
     for name, size in zip(axes, shape):
-        mesh_axis = rules.get(name) if name else None
-        if mesh_axis is not None and (mesh_axis not in mesh.shape or size % mesh.shape[mesh_axis]):
-            mesh_axis = None
-        spec.append(mesh_axis)
+        mesh_axes = rules.get(name) if name else None
+        if mesh_axes is not None:
+            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+            if any(n not in mesh.shape for n in names) or size % math.prod(mesh.shape[n] for n in names):
+                mesh_axes = None
+        spec.append(mesh_axes)
     return P(*spec)
 
 
-def weight_shardings(weights, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES):
-    """A pytree of `NamedSharding`s matching `weights` (real or abstract), from the fields' axes."""
+def weight_shardings(weights, mesh: Mesh, rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_RULES):
+    """A pytree of `NamedSharding`s matching `weights` (real or abstract), from the fields' axes.
+
+    A field with `axes` may hold one array or a list of arrays (one per layer) of those axes."""
 
     def visit(node):
         if dataclasses.is_dataclass(node) and not isinstance(node, type):
@@ -59,8 +78,10 @@ def weight_shardings(weights, mesh: Mesh, rules: Mapping[str, str | None] = LOGI
                 value = getattr(node, field.name)
                 if value is None:
                     out[field.name] = None
-                elif "axes" in field.metadata and hasattr(value, "shape"):
-                    out[field.name] = NamedSharding(mesh, spec_for(field.metadata["axes"], value.shape, mesh, rules))
+                elif "axes" in field.metadata:
+                    out[field.name] = jax.tree.map(
+                        lambda a, axes=field.metadata["axes"]: NamedSharding(mesh, spec_for(axes, a.shape, mesh, rules)),
+                        value)
                 else:
                     out[field.name] = visit(value)
             return dataclasses.replace(node, **out)
@@ -71,6 +92,11 @@ def weight_shardings(weights, mesh: Mesh, rules: Mapping[str, str | None] = LOGI
     return visit(weights)
 
 
+def logical_sharding(mesh: Mesh, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
+    """`NamedSharding` of one array with logical `axes` (the table's rule, replicated where undividable)."""
+    return NamedSharding(mesh, spec_for(axes, shape, mesh))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Leading (batch) axis over `data`, the rest replicated."""
     return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
@@ -78,3 +104,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def data_size(mesh: Mesh | None) -> int:
+    """Devices on the mesh's `data` axis (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["data"]
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of a (possibly multi-host) array as NumPy; every process must call it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -27,9 +27,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from tyr_jax.distributed import barrier, is_primary
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
+from tyr_jax.sharding import batch_sharding, logical_sharding, replicated, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +112,15 @@ def expectation_weights(removals: tuple[int, ...], num_units: int) -> np.ndarray
 # -- jitted steps ---------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=2)
-def _attn_stats(attn, x_btd, stats, rope, cfg):
+def _constrain(stats, shardings):
+    return stats if shardings is None else jax.lax.with_sharding_constraint(stats, shardings)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "shardings"), donate_argnums=2)
+def _attn_stats(attn, x_btd, stats, rope, cfg, shardings=None):
     ctx = llama.attention_context(attn, x_btd, cfg, rope)
-    return accumulate_stats(stats, ctx.reshape(-1, ctx.shape[2] * ctx.shape[3] * ctx.shape[4]))
+    return _constrain(accumulate_stats(stats, ctx.reshape(-1, ctx.shape[2] * ctx.shape[3] * ctx.shape[4])),
+                      shardings)
 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
@@ -124,10 +131,25 @@ def _attn_apply(attn, x_btd, w_io, bias_d, rope, cfg):
     return x_btd + (out + bias_d).astype(x_btd.dtype)
 
 
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=2)
-def _mlp_stats(mlp_w, x_btd, stats, cfg):
+@functools.partial(jax.jit, static_argnames=("cfg", "shardings"), donate_argnums=2)
+def _mlp_stats(mlp_w, x_btd, stats, cfg, shardings=None):
     hidden = llama.mlp_hidden(mlp_w, x_btd, cfg)
-    return accumulate_stats(stats, hidden.reshape(-1, hidden.shape[-1]))
+    return _constrain(accumulate_stats(stats, hidden.reshape(-1, hidden.shape[-1])), shardings)
+
+
+def stats_shardings(mesh, d_in: int) -> SublayerStats | None:
+    """Where a sublayer's statistics live: Hessian rows over every device (`hessian` in the table)."""
+    if mesh is None:
+        return None
+    return SublayerStats(logical_sharding(mesh, ("hessian", None), (d_in, d_in)), replicated(mesh),
+                         replicated(mesh))
+
+
+def zero_stats(d_in: int, mesh=None) -> SublayerStats:
+    """Zero statistics, created already sharded (`stats_shardings`) when a mesh is given."""
+    if mesh is None:
+        return SublayerStats.zeros(d_in)
+    return jax.jit(SublayerStats.zeros, static_argnums=0, out_shardings=stats_shardings(mesh, d_in))(d_in)
 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
@@ -148,15 +170,15 @@ def compact_levels(result, unit_size: int) -> dict:
     """LevelResult → {"level_e": {"keep": bool[U], "w": kept rows, "bias"?}} on the host.
 
     A copy with no unit left stores only its mask (Orbax cannot store empty arrays)."""
-    keep_eu = np.asarray(result.keep_eu)
+    keep_eu, w_eio = to_host(result.keep_eu), to_host(result.w_eio)   # one transfer, no per-level programs
     out = {}
     for e, keep in enumerate(keep_eu):
         entry = {"keep": keep}
         rows = np.flatnonzero(np.repeat(keep, unit_size))
-        if rows.size:  # gather on the device: only kept rows travel to the host
-            entry["w"] = np.asarray(result.w_eio[e][rows])
+        if rows.size:
+            entry["w"] = w_eio[e][rows]
         if result.bias_eo is not None:
-            entry["bias"] = np.asarray(result.bias_eo[e])
+            entry["bias"] = to_host(result.bias_eo[e])
         out[f"level_{e}"] = entry
     return out
 
@@ -171,7 +193,7 @@ def expand_level(entry: dict, unit_size: int, d_out: int, dtype) -> np.ndarray:
 
 
 def averaged_projection(levels: dict, weights_e: np.ndarray, unit_size: int, d_out: int, dtype):
-    """W̄ = Σ_e w_e W_e and b̄ = Σ_e w_e b_e (fp32 on the host, in level order)."""
+    """W̄ = Σ_e w_e W_e and b̄ = Σ_e w_e b_e (fp32 on the host, in level order), as NumPy in `dtype`."""
     w_bar = np.zeros((len(levels["level_0"]["keep"]) * unit_size, d_out), np.float32)
     b_bar = np.zeros((d_out,), np.float32)
     for e, w_e in enumerate(weights_e):
@@ -179,7 +201,7 @@ def averaged_projection(levels: dict, weights_e: np.ndarray, unit_size: int, d_o
         w_bar += w_e * expand_level(entry, unit_size, d_out, np.float32)
         if "bias" in entry:
             b_bar += w_e * np.asarray(entry["bias"], np.float32)
-    return jnp.asarray(w_bar, dtype), jnp.asarray(b_bar, dtype)
+    return w_bar.astype(dtype), b_bar.astype(dtype)
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -196,20 +218,20 @@ class SupernetStore:
         self.root = pathlib.Path(root).absolute()  # Orbax wants absolute paths
         self.fingerprint = fingerprint
         meta = self.root / "meta.json"
-        if meta.exists():
-            try:
-                existing = json.loads(meta.read_text())
-            except json.JSONDecodeError:
-                raise ValueError(f"{meta} is corrupt; delete {self.root} to rebuild the supernet") from None
-            if existing != fingerprint:
-                diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
-                raise ValueError(f"{self.root} holds a supernet built with different {', '.join(diff)}; "
-                                 "use another output directory or delete it to rebuild")
-        else:
+        if is_primary() and not meta.exists():   # several processes: process 0 writes, the rest wait
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = meta.with_suffix(".tmp")
             tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
             tmp.replace(meta)
+        barrier(f"supernet-meta {self.root}")
+        try:
+            existing = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{meta} is corrupt; delete {self.root} to rebuild the supernet") from None
+        if existing != fingerprint:
+            diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
+            raise ValueError(f"{self.root} holds a supernet built with different {', '.join(diff)}; "
+                             "use another output directory or delete it to rebuild")
         self._ckpt = ocp.StandardCheckpointer()
 
     def block_dir(self, i: int) -> pathlib.Path:
@@ -220,9 +242,10 @@ class SupernetStore:
 
     def save_block(self, i: int, tree: dict) -> None:
         path = self.block_dir(i)
-        if path.exists():  # a leftover of a killed save of this very block
+        if path.exists() and is_primary():  # a leftover of a killed save of this very block
             shutil.rmtree(path)
-        self._ckpt.save(path, tree)
+        barrier(f"supernet-save {path}")
+        self._ckpt.save(path, tree)   # every process calls it; Orbax writes once
         self._ckpt.wait_until_finished()
 
     def load_block(self, i: int) -> dict:
@@ -255,8 +278,15 @@ def fingerprint(cfg: ModelConfig, scfg: SupernetConfig, plan: LevelPlan, calib_t
 
 def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.ndarray, scfg: SupernetConfig,
                    plan: LevelPlan, store: SupernetStore, *, batch_size: int = 8, progress: bool = True,
-                   data_sharding=None, timings: dict | None = None) -> SupernetStore:
+                   mesh=None, timings: dict | None = None) -> SupernetStore:
     """Builds (or finishes) every block's copies into `store`; finished blocks are replayed, not rebuilt.
+
+    With a `mesh` (weights already placed by `sharding.weight_shardings`), the calibration sequences of
+    every batch are split over `data` (`batch_size` must be a multiple of its size) and the weights'
+    heads and channels over `model`; a sublayer's statistics are summed across all devices and kept with
+    their rows split over every device (`stats_shardings`), and the pruner runs on those row shards
+    (XLA partitions its row updates; the Cholesky refits gather the matrix). The copies are the same
+    as on one device up to floating-point summation order.
 
     `timings`, if given, accumulates seconds spent in the pruners (`prune_s`, copies to the host
     included), in Orbax writes (`save_s`) and in total (`total_s`)."""
@@ -270,7 +300,10 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     chunks = [calib_tokens[i: i + batch_size] for i in range(0, len(calib_tokens), batch_size)]
     if len(chunks[-1]) != batch_size:
         raise ValueError(f"{len(calib_tokens)} calibration sequences do not split into batches of {batch_size}")
-    put = (lambda a: jax.device_put(a, data_sharding)) if data_sharding is not None else jnp.asarray
+    if mesh is not None and batch_size % mesh.shape["data"]:
+        raise ValueError(f"calibration batch size {batch_size} is not a multiple of mesh.data = {mesh.shape['data']}")
+    put = jnp.asarray if mesh is None else (lambda a: jax.device_put(a, batch_sharding(mesh)))
+    attn_in, mlp_in = cfg.num_kv_heads * g * h, cfg.intermediate_size
     rope = llama.rope_tables(cfg, llama.default_positions(put(chunks[0])))
     xs = [llama.embed(weights, put(c)) for c in chunks]
     bar = tqdm(range(cfg.num_layers), desc="supernet", unit="block", disable=not progress)
@@ -281,9 +314,9 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
         # Attention: statistics of the o_proj inputs, copies, then hand on the expectation.
         attn_unit = g * h
         if "attn" not in stored:
-            stats = SublayerStats.zeros(cfg.num_kv_heads * attn_unit)
+            stats = zero_stats(attn_in, mesh)
             for x in xs:
-                stats = _attn_stats(blk.attn, x, stats, rope, cfg)
+                stats = _attn_stats(blk.attn, x, stats, rope, cfg, stats_shardings(mesh, attn_in))
             t0 = time.perf_counter()
             result = _prune_levels(blk.attn.o_kghd.reshape(-1, d), stats, scfg.method, attn_unit, plan.attn[i],
                                    tuple(sorted(scfg.hparams("attn").items())))
@@ -292,9 +325,9 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
         xs = propagate_attention(blk, stored["attn"], plan.attn[i], xs, rope, cfg, scfg.expectation)
         # MLP, on the activations the attention sublayer handed on.
         if "mlp" not in stored:
-            stats = SublayerStats.zeros(cfg.intermediate_size)
+            stats = zero_stats(mlp_in, mesh)
             for x in xs:
-                stats = _mlp_stats(blk.mlp, x, stats, cfg)
+                stats = _mlp_stats(blk.mlp, x, stats, cfg, stats_shardings(mesh, mlp_in))
             t0 = time.perf_counter()
             result = _prune_levels(blk.mlp.down_fd, stats, scfg.method, 1, plan.mlp[i],
                                    tuple(sorted(scfg.hparams("mlp").items())))
@@ -333,6 +366,10 @@ def _propagation_weights(levels, w_dense, bias_dense, removals, num_units, unit_
         return w_dense, zero_bias if bias_dense is None else bias_dense
     w_bar, b_bar = averaged_projection(levels, expectation_weights(removals, num_units), unit_size, d_out,
                                        w_dense.dtype)
+    # W̄ is placed once like the projection it stands in for (not re-sent with every batch).
+    spread = len(w_dense.sharding.device_set) > 1
+    w_bar = jax.device_put(w_bar, w_dense.sharding) if spread else jnp.asarray(w_bar)
+    b_bar = jnp.asarray(b_bar)
     return w_bar, b_bar if bias_dense is None else b_bar + bias_dense
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
+from tyr_jax.sharding import to_host
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "implementation"))
@@ -45,7 +46,7 @@ def perplexity(weights, cfg: ModelConfig, windows: np.ndarray, *, batch_size: in
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
         batch = jnp.asarray(batch) if data_sharding is None else jax.device_put(batch, data_sharding)
         nll = _window_nll(weights, batch, cfg, masks, implementation)
-        total += float(np.sum(np.asarray(nll, np.float64)[:real]))
+        total += float(np.sum(to_host(nll).astype(np.float64)[:real]))
     scored = num * (seq_len - 1)
     return {"ppl": math.exp(total / scored), "tokens_scored": scored, "seq_len": seq_len, "windows": num,
             "nll": total / scored}

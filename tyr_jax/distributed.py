@@ -1,0 +1,36 @@
+"""Several processes (hosts) driving one mesh: start-up, which process writes, and barriers.
+
+Every process runs the same program on the same inputs (calibration windows, fitness pool and
+mutations are reproducible from seeds), so every process holds the same host-side state and issues
+the same computations; only process 0 writes files that are not Orbax checkpoints (meta.json,
+run_config.json, summary.json, plots, the exported model). Orbax checkpoints are written by all
+processes together (Orbax coordinates them). The output directory must be one filesystem that every
+host mounts at the same path.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import multihost_utils
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """`jax.distributed.initialize`, before anything else touches the devices.
+
+    Without arguments JAX finds the cluster itself (SLURM, Open MPI, Kubernetes, Cloud TPU pods);
+    elsewhere give the coordinator's `host:port` (or set JAX_COORDINATOR_ADDRESS), the number of
+    processes and this process's index."""
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process got here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

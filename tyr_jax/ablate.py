@@ -39,9 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from tyr_jax import supernet as sn
+from tyr_jax import plots, supernet as sn
+from tyr_jax.loading import load_model
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
+from tyr_jax.pipeline import calibration_tokens, eval_windows, evaluate_levels, model_dtype, run_prune, run_supernet
 from tyr_jax.pruning import SublayerStats, get_pruner
 from tyr_jax.runconfig import RunConfig, load_run_config, parse_value, to_dict
 
@@ -265,9 +267,6 @@ class _Shared:
         return self._cache[key]
 
     def model(self, rc: RunConfig):
-        from tyr_jax.loading import load_model
-        from tyr_jax.pipeline import model_dtype
-
         def make():
             model = load_model(rc.model, dtype=model_dtype(rc))
             if model.tokenizer is None:
@@ -277,14 +276,10 @@ class _Shared:
         return self._get(["model", rc.model, rc.dtype], make)
 
     def calib(self, rc: RunConfig) -> np.ndarray:
-        from tyr_jax.pipeline import calibration_tokens
-
         return self._get(["calib", rc.model, to_dict(rc.calibration)],
                          lambda: calibration_tokens(self.model(rc).tokenizer, rc.calibration))
 
     def windows(self, rc: RunConfig) -> np.ndarray:
-        from tyr_jax.pipeline import eval_windows
-
         return self._get(["eval", rc.model, to_dict(rc.eval)], lambda: eval_windows(self.model(rc).tokenizer, rc))
 
 
@@ -315,7 +310,6 @@ def _save_result(v: Variant, value: dict) -> None:
 
 def _centre_eval(v: Variant, shared: _Shared, store: sn.SupernetStore, progress: bool) -> dict:
     """Perplexity and parameters of the model that takes every sublayer's centre copy."""
-    from tyr_jax.pipeline import evaluate_levels
 
     model = shared.model(v.rc)
     centre = [v.rc.supernet.num_levels // 2] * model.cfg.num_layers
@@ -347,7 +341,6 @@ def _run_group(group: list[Variant], shared: _Shared, progress: bool) -> None:
 
 
 def _run_alone(v: Variant, shared: _Shared, progress: bool) -> None:
-    from tyr_jax.pipeline import run_prune, run_supernet
 
     start = time.perf_counter()
     if v.rc.searches:
@@ -364,7 +357,6 @@ def run_ablation(config: str | None, overrides: list[str], vary: list[str], *, p
 
     Returns {"out", "vary": {key: values}, "rows": [{"variant", <keys>, "mode", "ppl", "params", "wall_s", "out"}]}.
     `wall_s` of a vmap row is its share of the group's build plus its own evaluation."""
-    from tyr_jax import plots
 
     base, variants = make_variants(config, overrides, vary)
     out = pathlib.Path(base.out)

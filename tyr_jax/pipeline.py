@@ -1,19 +1,26 @@
-"""Stages of a pruning run, each a function of a `RunConfig`: calibration data, supernet, evaluation."""
+"""Stages of a pruning run, each a function of a `RunConfig`: calibration data, pruning (Týr supernet +
+search, a baseline's centre copies, or policy-gradient masks), export, evaluation."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tyr_jax import plots, search
 from tyr_jax.data import corpora, sampler
 from tyr_jax.distributed import is_primary
+from tyr_jax.evaluation import zeroshot
 from tyr_jax.evaluation.perplexity import perplexity
+from tyr_jax.export import export_model
 from tyr_jax.loading import LoadedModel, load_model
+from tyr_jax.models import llama
+from tyr_jax.pruning import policy_gradient
 from tyr_jax.runconfig import CalibrationConfig, RunConfig, to_dict
 from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
 from tyr_jax.supernet import LevelPlan, SupernetStore, assemble, build_supernet, fingerprint
@@ -106,9 +113,6 @@ def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, m
                        data_sharding=batch_sharding(mesh) if split else replicated(mesh))
     result = {"ppl": stats["ppl"], "tokens_scored": stats["tokens_scored"], "seq_len": stats["seq_len"]}
     if rc.eval.tasks:
-        from tyr_jax.evaluation import zeroshot
-        from tyr_jax.models import llama
-
         logprobs = jax.jit(lambda w, tok, tgt: llama.token_logprobs(w, tok, tgt, cfg))
         scores = zeroshot.evaluate(lambda tok, tgt: to_host(logprobs(weights, tok, tgt)), tokenizer, rc.eval.tasks,
                                    limit=rc.eval.limit, batch_size=rc.eval.batch_size, progress=progress)
@@ -130,41 +134,13 @@ def _cached_json(path: pathlib.Path, key: dict, compute):
     return value
 
 
-def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path, progress: bool):
-    """Keep-probabilities learned on the calibration corpus (resumable under OUT/policy_gradient), top-k, sliced."""
-    from tyr_jax.pruning import policy_gradient
-
-    stream = sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus))
-    return policy_gradient.prune(model.weights, model.cfg, stream, rc.policy_gradient, rc.supernet.target_sparsity,
-                                 out / "policy_gradient", calib_bt=calib, calib_batch_size=rc.calibration.batch_size,
-                                 fingerprint={"model": rc.model, "dtype": rc.dtype,
-                                              "calibration": to_dict(rc.calibration)},
-                                 progress=progress)
-
-
-def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
-    """Calibration → supernet(s) → search (coarse-to-fine) → export → evaluation on the mesh of
-    `rc.mesh`; resumable. With several processes every one runs this; process 0 writes the files."""
-    import time
-
-    from tyr_jax import plots, search
-    from tyr_jax.export import export_model
-
-    start = time.perf_counter()
-    mesh = build_mesh(rc)
-    out = pathlib.Path(rc.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "run_config.json", to_dict(rc))
-    model = load_model(rc.model, dtype=model_dtype(rc), shardings=lambda w: weight_shardings(w, mesh))
-    if model.tokenizer is None:
-        raise ValueError(f"{rc.model} has no tokenizer; calibration and evaluation text cannot be tokenized")
-    cfg, dtype = model.cfg, model.weights.embed_vd.dtype
-    calib = calibration_tokens(model.tokenizer, rc.calibration)
-    num_levels = rc.supernet.num_levels
-    centres, history = (None, None), []
+def _supernet_and_search(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: pathlib.Path,
+                         progress: bool):
+    """Týr (ALGORITHMS.md §1.2-1.4): per iteration a supernet around the previous best distribution, then
+    the search; without search, every sublayer's centre copy. Returns (weights, config, fitness history)."""
+    cfg, dtype, num_levels = model.cfg, model.weights.embed_vd.dtype, rc.supernet.num_levels
+    centres, history, pool = (None, None), [], None
     iterations = rc.search.iterations if rc.searches else 1
-    if rc.method == "policy_gradient":  # no supernet: learned masks (ALGORITHMS.md §2)
-        iterations = 0
     for t in range(iterations):
         scfg = dataclasses.replace(rc.supernet, step=search.step_for_iteration(rc.supernet.step, t))
         plan = LevelPlan.centred(cfg, scfg, *centres)
@@ -175,7 +151,7 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
                        progress=progress, mesh=mesh)
         best = np.full((2, cfg.num_layers), num_levels // 2, np.int32)
         if rc.searches:
-            if t == 0:
+            if pool is None:
                 pool_tokens = sampler.sample_windows(
                     sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus)),
                     rc.search.pool_sequences, rc.search.seq_len, key=jax.random.key(rc.calibration.seed + 1))
@@ -186,10 +162,39 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
             del bank
             history.append([float(h) for h in hist])
             centres = search.removal_fractions(plan, best, cfg)
+    weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
+    return weights, pruned_cfg, history
+
+
+def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path, progress: bool):
+    """Keep-probabilities learned on the calibration corpus (ALGORITHMS.md §2; resumable under
+    OUT/policy_gradient), top-k per pool, sliced. Returns (weights, config, report)."""
+    stream = sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus))
+    return policy_gradient.prune(model.weights, model.cfg, stream, rc.policy_gradient, rc.supernet.target_sparsity,
+                                 out / "policy_gradient", calib_bt=calib, calib_batch_size=rc.calibration.batch_size,
+                                 fingerprint={"model": rc.model, "dtype": rc.dtype,
+                                              "calibration": to_dict(rc.calibration)},
+                                 progress=progress)
+
+
+def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
+    """Calibration → pruning (`rc.method`) → export → evaluation on the mesh of `rc.mesh`; resumable.
+    With several processes every one runs this; process 0 writes the files."""
+    start = time.perf_counter()
+    mesh = build_mesh(rc)
+    out = pathlib.Path(rc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "run_config.json", to_dict(rc))
+    model = load_model(rc.model, dtype=model_dtype(rc), shardings=lambda w: weight_shardings(w, mesh))
+    if model.tokenizer is None:
+        raise ValueError(f"{rc.model} has no tokenizer; calibration and evaluation text cannot be tokenized")
+    cfg = model.cfg
+    calib = calibration_tokens(model.tokenizer, rc.calibration)
+    extra, history = {}, []
     if rc.method == "policy_gradient":
-        weights, pruned_cfg, pg_report = _policy_gradient(rc, model, calib, out, progress)
+        weights, pruned_cfg, extra["policy_gradient"] = _policy_gradient(rc, model, calib, out, progress)
     else:
-        weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
+        weights, pruned_cfg, history = _supernet_and_search(rc, model, calib, mesh, out, progress)
     weights = place(weights, mesh)
     # The run owns OUT/model: a resumed run rewrites the same model (gathered by all, written by one).
     host_weights = jax.tree.map(to_host, weights)
@@ -214,9 +219,8 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
         "search_history": history,
         "export": report,
         "wall_time_s": time.perf_counter() - start,
+        **extra,
     }
-    if rc.method == "policy_gradient":
-        summary["policy_gradient"] = pg_report
     write_json(out / "summary.json", summary)
     if is_primary():
         plots.plot_layers(per_layer, cfg.num_kv_heads, cfg.intermediate_size, out / "per_layer.png",

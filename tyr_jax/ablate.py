@@ -256,7 +256,6 @@ def build_supernets_vmapped(weights: llama.Weights, cfg: ModelConfig, calib_toke
 
 class _Shared:
     """Models, calibration and evaluation windows loaded once and shared by the variants that agree on them."""
-
     def __init__(self):
         self._cache: dict = {}
 
@@ -310,7 +309,6 @@ def _save_result(v: Variant, value: dict) -> None:
 
 def _centre_eval(v: Variant, shared: _Shared, store: sn.SupernetStore, progress: bool) -> dict:
     """Perplexity and parameters of the model that takes every sublayer's centre copy."""
-
     model = shared.model(v.rc)
     centre = [v.rc.supernet.num_levels // 2] * model.cfg.num_layers
     res = evaluate_levels(model, store, centre, centre, shared.windows(v.rc), batch_size=v.rc.eval.batch_size,

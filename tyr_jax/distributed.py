@@ -10,6 +10,9 @@ host mounts at the same path.
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax
 from jax.experimental import multihost_utils
 
@@ -34,3 +37,26 @@ def barrier(name: str) -> None:
     """Waits until every process got here (a no-op with one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def claim_directory(root: pathlib.Path, fingerprint: dict, holds: str) -> None:
+    """Makes `root` the home of the work `fingerprint` describes, or refuses it.
+
+    Process 0 writes `root/meta.json` the first time (atomically); every process then checks it, so a
+    directory holding other work (`holds`, e.g. "a supernet built") is refused, never overwritten."""
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples → lists, as they read back
+    meta = root / "meta.json"
+    if is_primary() and not meta.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+        tmp.replace(meta)
+    barrier(f"claim {root}")
+    try:
+        existing = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{meta} is corrupt; delete {root} to start again") from None
+    if existing != fingerprint:
+        diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
+        raise ValueError(f"{root} holds {holds} with different {', '.join(diff)}; use another output directory "
+                         "or delete it to start again")

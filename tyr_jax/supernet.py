@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import pathlib
 import shutil
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from tyr_jax.distributed import barrier, is_primary
+from tyr_jax.distributed import barrier, claim_directory, is_primary
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
@@ -217,21 +216,7 @@ class SupernetStore:
     def __init__(self, root: str | pathlib.Path, fingerprint: dict):
         self.root = pathlib.Path(root).absolute()  # Orbax wants absolute paths
         self.fingerprint = fingerprint
-        meta = self.root / "meta.json"
-        if is_primary() and not meta.exists():   # several processes: process 0 writes, the rest wait
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = meta.with_suffix(".tmp")
-            tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
-            tmp.replace(meta)
-        barrier(f"supernet-meta {self.root}")
-        try:
-            existing = json.loads(meta.read_text())
-        except json.JSONDecodeError:
-            raise ValueError(f"{meta} is corrupt; delete {self.root} to rebuild the supernet") from None
-        if existing != fingerprint:
-            diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
-            raise ValueError(f"{self.root} holds a supernet built with different {', '.join(diff)}; "
-                             "use another output directory or delete it to rebuild")
+        claim_directory(self.root, fingerprint, "a supernet built")
         self._ckpt = ocp.StandardCheckpointer()
 
     def block_dir(self, i: int) -> pathlib.Path:

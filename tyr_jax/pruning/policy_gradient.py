@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from collections.abc import Callable
 from typing import NamedTuple
@@ -60,6 +59,7 @@ from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
 from tyr_jax.data import sampler
+from tyr_jax.distributed import claim_directory
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning.baselines import wanda_sp_scores
@@ -372,7 +372,7 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
     pg = policy_gradient(pcfg, budget)
     fingerprint = {"policy_gradient": dataclasses.asdict(pcfg), "target_sparsity": target_sparsity,
                    "model_config": cfg.to_hf(), **(fingerprint or {})}
-    _check_fingerprint(state_dir, fingerprint)
+    claim_directory(state_dir, fingerprint, "a policy-gradient run")
     manager = ocp.CheckpointManager(state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
     key = jax.random.key(pcfg.seed)
     losses = np.zeros(pcfg.steps, np.float32)
@@ -408,20 +408,6 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
 def _prob_shapes(cfg: ModelConfig) -> KeepProbs:
     n = cfg.num_layers
     return KeepProbs((n, cfg.num_kv_heads), (n, cfg.intermediate_size), (n,), (n,))
-
-
-def _check_fingerprint(state_dir: pathlib.Path, fingerprint: dict) -> None:
-    meta = state_dir / "meta.json"
-    fingerprint = json.loads(json.dumps(fingerprint))  # tuples → lists, as they read back
-    if meta.exists():
-        existing = json.loads(meta.read_text())
-        if existing != fingerprint:
-            diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
-            raise ValueError(f"{state_dir} holds a policy-gradient run with different {', '.join(diff)}; use "
-                             "another output directory or delete it to start again")
-    else:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
 
 
 def prune(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pcfg: PolicyGradientConfig,

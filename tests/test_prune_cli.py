@@ -43,3 +43,15 @@ mesh: {{data: 2, model: 2}}
     assert main(["prune", "--config", str(cfg_file), "--out", str(out)]) == 0
     assert (out / "iteration_1" / "supernet" / "block_000").stat().st_mtime_ns == before
     assert json.loads((out / "summary.json").read_text())["per_layer"] == summary["per_layer"]
+
+
+def test_cached_result_is_reused_when_the_key_holds_tuples(tmp_path):
+    # Config dicts hold tuples (eval.tasks) that read back from JSON as lists; the cache must still hit.
+    from tyr_jax.pipeline import _cached_json
+
+    calls = []
+    key = {"eval": {"tasks": ("piqa", "arc_easy")}}
+    for _ in range(2):
+        assert _cached_json(tmp_path / "dense.json", key, lambda: calls.append(1) or {"ppl": 1.5}) == {"ppl": 1.5}
+    assert len(calls) == 1
+    assert _cached_json(tmp_path / "dense.json", {"eval": {"tasks": ("piqa",)}}, lambda: {"ppl": 2.0}) == {"ppl": 2.0}

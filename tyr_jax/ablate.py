@@ -43,7 +43,8 @@ from tyr_jax import plots, supernet as sn
 from tyr_jax.loading import load_model
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
-from tyr_jax.pipeline import calibration_tokens, eval_windows, evaluate_levels, model_dtype, run_prune, run_supernet
+from tyr_jax.pipeline import (calibration_tokens, eval_windows, evaluate_levels, load_keyed, model_dtype, run_prune,
+                              run_supernet, save_keyed)
 from tyr_jax.pruning import SublayerStats, get_pruner
 from tyr_jax.runconfig import RunConfig, load_run_config, parse_value, to_dict
 
@@ -286,25 +287,13 @@ def _result_path(v: Variant) -> pathlib.Path:
     return v.out / "ablation_result.json"
 
 
-def _result_key(v: Variant) -> dict:
-    return json.loads(json.dumps(to_dict(v.rc)))  # as it reads back (tuples become lists)
-
-
 def _load_result(v: Variant) -> dict | None:
     """The saved result of a variant, if it was computed with this very config."""
-    path = _result_path(v)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == _result_key(v):
-            return saved["value"]
-    return None
+    return load_keyed(_result_path(v), to_dict(v.rc))
 
 
 def _save_result(v: Variant, value: dict) -> None:
-    path = _result_path(v)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": _result_key(v), "value": value}, indent=1))
-    tmp.replace(path)
+    save_keyed(_result_path(v), to_dict(v.rc), value)
 
 
 def _centre_eval(v: Variant, shared: _Shared, store: sn.SupernetStore, progress: bool) -> dict:

@@ -120,17 +120,29 @@ def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, m
     return result
 
 
-def _cached_json(path: pathlib.Path, key: dict, compute):
-    """compute() once per `key`: a re-run (resume) reuses the saved result."""
+def load_keyed(path: pathlib.Path, key: dict):
+    """The value saved by `save_keyed(path, key, ...)`, or None when absent or saved under another key."""
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("key") == key:
+        if saved.get("key") == json.loads(json.dumps(key)):  # compared as it reads back: tuples are lists
             return saved["value"]
-    value = compute()
+    return None
+
+
+def save_keyed(path: pathlib.Path, key: dict, value) -> None:
+    """Writes {"key", "value"} atomically, on process 0 only."""
     if is_primary():
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "value": value}))
+        tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
         tmp.replace(path)
+
+
+def _cached_json(path: pathlib.Path, key: dict, compute):
+    """compute() once per `key`: a re-run (resume) reuses the saved result."""
+    value = load_keyed(path, key)
+    if value is None:
+        value = compute()
+        save_keyed(path, key, value)
     return value
 
 

@@ -1,9 +1,10 @@
 """Inference speed of physically pruned Llama-3.1-8B-shaped models against the dense one, one device.
 
 Pruned models have a search-like, non-uniform distribution: the sparsity of layer l ramps linearly
-from s/2 (first layer) to 3s/2 (last), rounded to whole KV groups and MLP channels, so the average is
-the target s. Times: prefill of a prompt (time to first token) and greedy per-token decoding with a
-KV cache, random bf16 weights.
+from s/2 (first layer) to 3s/2 (last), rounded to whole KV groups and to the finest MLP level step of a
+default coarse-to-fine search (Δ = 12.5%/8 of the channels: 224 of 14336, the only widths its last
+iteration can pick), so the average is the target s. Times: prefill of a prompt (time to first token)
+and greedy per-token decoding with a KV cache, random bf16 weights.
 
     PYTHONPATH=.:scripts python scripts/bench_pruned_inference.py --json $OUT/inference.json
 """
@@ -19,15 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_forward import LLAMA31_8B, timed
+from tyr_jax import search
 from tyr_jax.models import decode, llama
 from tyr_jax.pipeline import prunable_params
+from tyr_jax.supernet import SupernetConfig
 
 
 def ramp_sizes(cfg, sparsity: float):
-    """Per-layer KV groups and MLP widths for a linear sparsity ramp averaging `sparsity`."""
+    """Per-layer KV groups and MLP widths for a linear sparsity ramp averaging `sparsity`, MLP widths on
+    the level grid of the last iteration of a default search."""
+    scfg = SupernetConfig()
+    finest = search.step_for_iteration(scfg.step, search.SearchConfig().iterations - 1)
+    grid = max(scfg.min_step_channels, int(np.floor(finest * cfg.intermediate_size + 0.5)))
     ramp = sparsity * (0.5 + np.linspace(0.0, 1.0, cfg.num_layers))
     kv = np.clip(np.round(cfg.num_kv_heads * (1 - ramp)), 0, cfg.num_kv_heads).astype(int)
-    mlp = np.clip(np.round(cfg.intermediate_size * (1 - ramp)), 0, cfg.intermediate_size).astype(int)
+    mlp = np.clip(grid * np.round(cfg.intermediate_size * (1 - ramp) / grid), 0, cfg.intermediate_size).astype(int)
     return kv, mlp
 
 

@@ -9,15 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from tyr_jax.cli import main
 from tyr_jax.loading import load_model
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
+from tyr_jax.pipeline import place
 from tyr_jax.pruning import SublayerStats, accumulate_stats
 from tyr_jax.pruning import policy_gradient as pgm
 from tyr_jax.pruning.baselines import wanda_sp_scores
 from tyr_jax.runconfig import load_run_config
+from tyr_jax.sharding import make_mesh
 
 CFG = ModelConfig(vocab_size=61, hidden_size=24, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=4,
                   intermediate_size=40)
@@ -144,22 +147,49 @@ def test_a_short_run_lowers_the_loss_of_sampled_masks(weights):
     assert expected_loss(state.probs) < expected_loss(start) - 0.03
 
 
-def _learn(weights, state_dir, **kwargs):
-    pcfg = pgm.PolicyGradientConfig(steps=6, samples=2, batch_size=2, seq_len=8, learning_rate=0.3,
-                                    checkpoint_every=2, **kwargs)
+def test_a_step_with_a_non_finite_loss_changes_nothing():
+    pcfg = pgm.PolicyGradientConfig(steps=10, samples=2, init="uniform")
+    pg = pgm.policy_gradient(pcfg, pgm.keep_budget(CFG, 0.5))
+    state = pg.init(pgm.initial_probs(pcfg, CFG, 0.5), key=jax.random.key(0))
+    masks = pg.sample(state.probs, key=jax.random.key(1))
+    after = pg.update(state, masks, jnp.array([3.0, jnp.nan]))
+    assert int(after.step) == 1
+    for a, b in zip(jax.tree.leaves((after.probs, after.opt_state, after.baseline)),
+                    jax.tree.leaves((state.probs, state.opt_state, state.baseline))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = pg.update(state, masks, jnp.array([3.0, 2.0]))
+    assert not np.array_equal(np.asarray(moved.probs.mlp_lf), np.asarray(state.probs.mlp_lf))
+
+
+def _learn(weights, state_dir, mesh=None, **kwargs):
+    pcfg = pgm.PolicyGradientConfig(**{"steps": 6, "samples": 2, "batch_size": 2, "seq_len": 8, "learning_rate": 0.3,
+                                       "checkpoint_every": 2, **kwargs})
     stream = np.random.default_rng(3).integers(0, CFG.vocab_size, 500).astype(np.int32)
-    calib = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 8)).astype(np.int32)
-    return pgm.learn_probs(weights, CFG, stream, pcfg, 0.5, state_dir, calib_bt=calib, calib_batch_size=2,
-                           progress=False)
+    calib = np.random.default_rng(4).integers(0, CFG.vocab_size, (8, 8)).astype(np.int32)
+    return pgm.learn_probs(weights, CFG, stream, pcfg, 0.5, state_dir, calib_bt=calib, calib_batch_size=8,
+                           mesh=mesh, progress=False)
 
 
-def test_resume_after_an_interruption_gives_the_identical_result(weights, tmp_path, monkeypatch):
-    # With sublayer gates on: the most state to restore, and they must run and keep the budget too.
-    gates = {"prune_sublayers": True, "sublayer_init": 0.6}
-    probs, losses = _learn(weights, tmp_path / "a", **gates)
-    assert float(jnp.abs(probs.attn_gate_l - 0.6).max()) > 0  # the gates learn
-    masks = pgm.hard_masks(probs, pgm.Budget(3, 40))
-    assert masks.kv_lk.sum() == 3 and masks.mlp_lf.sum() == 40
+@pytest.fixture(scope="module")
+def learned_on_one_device(weights, tmp_path_factory):
+    return _learn(weights, tmp_path_factory.mktemp("pg-one"), batch_size=8, init="wanda_sp")
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2), (2, 4)])
+def test_learning_on_a_mesh_equals_one_device(weights, learned_on_one_device, tmp_path, shape):
+    # Windows split over `data`, weights over `model` (the Wanda-sp statistics too); the same masks are
+    # drawn everywhere, so the probabilities agree up to fp32 summation order, and a resume may switch mesh.
+    mesh = make_mesh(*shape)
+    assert pgm._put_batch(np.zeros((8, 9), np.int32), mesh).sharding.spec == P("data", None)
+    probs, losses = _learn(place(weights, mesh), tmp_path / "mesh", mesh=mesh, batch_size=8, init="wanda_sp")
+    want_probs, want_losses = learned_on_one_device
+    for got, want in zip(probs, want_probs):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+
+
+def _killed_at_step_5(monkeypatch, run):
+    """Runs `run()` with the training loop interrupted at step 5 (after the checkpoint of step 4)."""
     batch = pgm._batch
 
     def dies(stream, pcfg, key, step):
@@ -169,8 +199,28 @@ def test_resume_after_an_interruption_gives_the_identical_result(weights, tmp_pa
 
     monkeypatch.setattr(pgm, "_batch", dies)
     with pytest.raises(KeyboardInterrupt):
-        _learn(weights, tmp_path / "b", **gates)
+        run()
     monkeypatch.setattr(pgm, "_batch", batch)
+
+
+def test_a_run_killed_on_a_mesh_resumes_on_one_device(weights, learned_on_one_device, tmp_path, monkeypatch):
+    mesh = make_mesh(2, 4)
+    _killed_at_step_5(monkeypatch, lambda: _learn(place(weights, mesh), tmp_path, mesh=mesh, batch_size=8,
+                                                  init="wanda_sp"))
+    probs, losses = _learn(weights, tmp_path, batch_size=8, init="wanda_sp")
+    for got, want in zip(probs, learned_on_one_device[0]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(losses, learned_on_one_device[1], rtol=1e-5)
+
+
+def test_resume_after_an_interruption_gives_the_identical_result(weights, tmp_path, monkeypatch):
+    # With sublayer gates on: the most state to restore, and they must run and keep the budget too.
+    gates = {"prune_sublayers": True, "sublayer_init": 0.6}
+    probs, losses = _learn(weights, tmp_path / "a", **gates)
+    assert float(jnp.abs(probs.attn_gate_l - 0.6).max()) > 0  # the gates learn
+    masks = pgm.hard_masks(probs, pgm.Budget(3, 40))
+    assert masks.kv_lk.sum() == 3 and masks.mlp_lf.sum() == 40
+    _killed_at_step_5(monkeypatch, lambda: _learn(weights, tmp_path / "b", **gates))
     assert ocp.CheckpointManager((tmp_path / "b").absolute()).latest_step() == 4
     resumed, resumed_losses = _learn(weights, tmp_path / "b", **gates)
     for a, b in zip(probs, resumed):

@@ -1,6 +1,7 @@
 """`tyr-jax prune` end to end on a tiny model: every stage runs, the export reloads, a re-run resumes."""
 
 import json
+import pathlib
 
 import numpy as np
 
@@ -55,3 +56,38 @@ def test_cached_result_is_reused_when_the_key_holds_tuples(tmp_path):
         assert _cached_json(tmp_path / "dense.json", key, lambda: calls.append(1) or {"ppl": 1.5}) == {"ppl": 1.5}
     assert len(calls) == 1
     assert _cached_json(tmp_path / "dense.json", {"eval": {"tasks": ("piqa",)}}, lambda: {"ppl": 2.0}) == {"ppl": 2.0}
+
+
+def test_compare_methods_runs_each_method_and_tabulates_them(tiny_hf_dir, tmp_path):
+    """scripts/compare_methods.py: one run per method, one dense evaluation shared, one table."""
+    import subprocess
+    import sys
+
+    model_dir, corpus = tiny_hf_dir
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"""
+model: {model_dir}
+calibration: {{corpus: {corpus}, num_sequences: 4, seq_len: 32, batch_size: 2}}
+supernet: {{target_sparsity: 0.5, min_step_channels: 4, mlp_round_size: 4}}
+eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
+""")
+    out = tmp_path / "compare"
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py"
+    run = subprocess.run([sys.executable, str(script), "--out", str(out), "--jobs", "1", "--set", "eval.max_tokens=256",
+                          f"{cfg_file}:uniform", f"{cfg_file}:magnitude"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    first, second = (json.loads((out / f"run-{m}" / "dense_eval.json").read_text()) for m in ("uniform", "magnitude"))
+    assert first == second
+    table = (out / "table.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"run", "dense", "run-uniform", "run-magnitude"}
+    for name in ("run-uniform", "run-magnitude"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert f"{summary['ppl']['pruned']:,.2f}" in rows[name]
+    # Finished runs are skipped on a re-run; a bad spec is refused before anything runs.
+    again = subprocess.run([sys.executable, str(script), "--out", str(out), f"{cfg_file}:uniform"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "skipped" in again.stdout
+    bad = subprocess.run([sys.executable, str(script), "--out", str(out), f"{cfg_file}:pruneit"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "method 'pruneit' is unknown" in bad.stderr

@@ -1,5 +1,7 @@
 """The evolutionary search: budget-exact mutations, batched candidate evaluation, KL fitness, resume."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,38 @@ def test_mutations_keep_the_unit_budget_exactly():
     assert kids.min() >= 0 and kids.max() <= 8
     for k in kids:
         assert search.unit_counts(plan, *k) == search.unit_counts(plan, *parent)
+
+
+def test_mutations_keep_the_budget_with_centres_of_every_kind():
+    # A later iteration centres every sublayer elsewhere: at 0% and 100% (clipped levels on one side) and
+    # near them (partial steps), so some shifts must be refused and the rest still keep the budget.
+    centres = [0.0, 0.03, 0.5, 0.97, 1.0, 0.5]
+    plan = sn.LevelPlan(attn=tuple(sn.level_removals(8, c, 0.0625, 9, 1) for c in centres),
+                        mlp=tuple(sn.level_removals(1000, c, 0.0625, 9, 32) for c in centres))
+    parent = np.full((2, 6), 4, np.int32)
+    kids = search.mutate(parent, plan, np.random.default_rng(1), 128, 4)
+    assert len(kids) == 128 and len({k.tobytes() for k in kids}) == 128
+    for k in kids:
+        assert search.unit_counts(plan, *k) == search.unit_counts(plan, *parent)
+    with pytest.raises(ValueError, match="only one"):
+        search.mutate(parent[:, :1], sn.LevelPlan(plan.attn[:1], plan.mlp[:1]), np.random.default_rng(1), 4, 4)
+
+
+@pytest.mark.parametrize("iteration", [0, 1, 2])
+def test_the_best_of_an_iteration_is_the_centre_of_the_next(iteration):
+    # Coarse-to-fine (ALGORITHMS.md §1.4): the next supernet is centred exactly on the chosen copies, so
+    # the next search starts from the previous best with the same unit budget.
+    cfg = ModelConfig(vocab_size=61, hidden_size=24, num_layers=6, num_heads=16, num_kv_heads=8, head_dim=4,
+                      intermediate_size=14336)
+    scfg = sn.SupernetConfig(target_sparsity=0.5)
+    plan = sn.LevelPlan.centred(cfg, scfg)
+    levels = np.random.default_rng(iteration).integers(0, 9, (2, 6)).astype(np.int32)
+    for t in range(iteration + 1):
+        finer = sn.SupernetConfig(target_sparsity=0.5, step=search.step_for_iteration(scfg.step, t + 1))
+        nxt = sn.LevelPlan.centred(cfg, finer, *search.removal_fractions(plan, levels, cfg))
+        assert [r[4] for r in nxt.attn] == [plan.attn[i][e] for i, e in enumerate(levels[0])]
+        assert [r[4] for r in nxt.mlp] == [plan.mlp[i][e] for i, e in enumerate(levels[1])]
+        plan, levels = nxt, np.random.default_rng(t).integers(0, 9, (2, 6)).astype(np.int32)
 
 
 def test_candidate_logits_equal_the_assembled_model(setup):
@@ -92,6 +126,16 @@ def test_search_is_deterministic_budget_exact_and_resumes(setup, tmp_path, monke
     resumed, hist3 = search.run_search(weights, CFG, plan, bank, pool, SCFG, tmp_path / "c", progress=False)
     np.testing.assert_array_equal(best, resumed)
     assert hist3 == hist
+    # Other settings are refused, not resumed; more generations continue the same search.
+    with pytest.raises(ValueError, match="holds a search run with different search"):
+        search.run_search(weights, CFG, plan, bank, pool, dataclasses.replace(SCFG, seed=1), tmp_path / "c",
+                          progress=False)
+    with pytest.raises(ValueError, match="more than search.generations"):
+        search.run_search(weights, CFG, plan, bank, pool, dataclasses.replace(SCFG, generations=2), tmp_path / "c",
+                          progress=False)
+    _, hist4 = search.run_search(weights, CFG, plan, bank, pool, dataclasses.replace(SCFG, generations=4),
+                                 tmp_path / "c", progress=False)
+    assert hist4[:3] == hist and len(hist4) == 4
 
 
 def test_offspring_are_evaluated_many_per_compiled_call(setup):
@@ -100,3 +144,12 @@ def test_offspring_are_evaluated_many_per_compiled_call(setup):
     fit = search.evaluate(weights, bank, CFG, SCFG, pool, kids, np.arange(4))
     one_by_one = [search.evaluate(weights, bank, CFG, SCFG, pool, k[None], np.arange(4))[0] for k in kids]
     np.testing.assert_allclose(fit, one_by_one, rtol=1e-5)
+
+
+def test_fitness_pool_refuses_windows_or_top_k_that_do_not_fit(setup):
+    weights = setup[0]
+    with pytest.raises(ValueError, match="search.seq_len = 16"):
+        search.FitnessPool(weights, CFG, np.zeros((16, 8), np.int32), SCFG, progress=False)
+    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+        search.FitnessPool(weights, CFG, np.zeros((16, 16), np.int32), dataclasses.replace(SCFG, top_k=100),
+                           progress=False)

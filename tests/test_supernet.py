@@ -146,6 +146,11 @@ def test_flap_bias_compensation_is_stored_and_assembled(tmp_path):
     small, small_cfg = sn.assemble(_model(), CFG, store, [4] * 3, [4] * 3)
     assert small.blocks[0].mlp.down_bias_d is not None and small.blocks[0].attn.o_bias_d is not None
     assert np.isfinite(np.asarray(llama.forward(small, _calib(1, 8), small_cfg))).all()
+    # A sublayer with every unit removed keeps its compensation bias, and the parameter count says so.
+    gone, gone_cfg = sn.assemble(_model(), CFG, store, [8, 4, 4], [4, 8, 4])
+    assert gone_cfg.kv_groups[0] == 0 and gone_cfg.mlp_widths[1] == 0
+    assert gone.blocks[0].attn.o_bias_d is not None and gone.blocks[1].mlp.down_bias_d is not None
+    assert gone_cfg.num_params() == sum(x.size for x in jax.tree.leaves(gone))
 
 
 def test_cli_supernet_builds_resumes_and_refuses(tiny_hf_dir, tmp_path, capsys):

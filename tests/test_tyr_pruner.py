@@ -85,6 +85,25 @@ def test_dead_channels_go_first_and_refit_is_least_squares():
     assert err(np.asarray(out.w_eio[1])[k]) <= err(w_ls) * 1.01
 
 
+def test_refit_is_ridge_by_default_and_exact_least_squares_when_asked():
+    x, w = _problem(dead=(5,))
+    stats = accumulate_stats(SublayerStats.zeros(x.shape[1]), jnp.asarray(x, jnp.float32))
+    prune = jax.jit(get_pruner("tyr"), static_argnames=("unit_size", "removals", "refit_damped"))
+    exact = prune(jnp.asarray(w, jnp.float32), stats, unit_size=1, removals=(1, 8), refit_damped=False)
+    ridge = prune(jnp.asarray(w, jnp.float32), stats, unit_size=1, removals=(1, 8))
+    np.testing.assert_array_equal(np.asarray(exact.keep_eu), np.asarray(ridge.keep_eu))  # same selection
+    for e in range(2):
+        k = np.asarray(exact.keep_eu[e])
+        w_ls = np.linalg.lstsq(x[:, k], x @ w, rcond=None)[0]
+        np.testing.assert_allclose(np.asarray(exact.w_eio[e])[k], w_ls, rtol=1e-3, atol=1e-3)
+        # Ridge shrinks: a smaller solution, and a larger calibration error than least squares.
+        assert np.linalg.norm(np.asarray(ridge.w_eio[e])[k]) < np.linalg.norm(w_ls)
+        assert np.linalg.norm(x @ w - x[:, k] @ np.asarray(ridge.w_eio[e])[k]) > np.linalg.norm(x @ w - x[:, k] @ w_ls)
+    # Only the dead channel removed: exact least squares gives the dense weights back.
+    np.testing.assert_allclose(np.delete(np.asarray(exact.w_eio[0]), 5, axis=0), np.delete(w, 5, axis=0),
+                               rtol=1e-3, atol=1e-3)
+
+
 def test_progressive_rounds_beat_one_shot_removal():
     """Re-scoring after each OBS update (round size 1) should not do worse than one round."""
     x, w = _problem(d_in=32, d_out=16, seed=3)

@@ -178,15 +178,16 @@ def _supernet_and_search(rc: RunConfig, model: LoadedModel, calib: np.ndarray, m
     return weights, pruned_cfg, history
 
 
-def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path, progress: bool):
+def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: pathlib.Path,
+                     progress: bool):
     """Keep-probabilities learned on the calibration corpus (ALGORITHMS.md §2; resumable under
-    OUT/policy_gradient), top-k per pool, sliced. Returns (weights, config, report)."""
+    OUT/policy_gradient) on the run's mesh, top-k per pool, sliced. Returns (weights, config, report)."""
     stream = sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus))
     return policy_gradient.prune(model.weights, model.cfg, stream, rc.policy_gradient, rc.supernet.target_sparsity,
                                  out / "policy_gradient", calib_bt=calib, calib_batch_size=rc.calibration.batch_size,
                                  fingerprint={"model": rc.model, "dtype": rc.dtype,
                                               "calibration": to_dict(rc.calibration)},
-                                 progress=progress)
+                                 mesh=mesh, progress=progress)
 
 
 def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
@@ -204,7 +205,7 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     calib = calibration_tokens(model.tokenizer, rc.calibration)
     extra, history = {}, []
     if rc.method == "policy_gradient":
-        weights, pruned_cfg, extra["policy_gradient"] = _policy_gradient(rc, model, calib, out, progress)
+        weights, pruned_cfg, extra["policy_gradient"] = _policy_gradient(rc, model, calib, mesh, out, progress)
     else:
         weights, pruned_cfg, history = _supernet_and_search(rc, model, calib, mesh, out, progress)
     weights = place(weights, mesh)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import pathlib
 
@@ -27,6 +28,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from tyr_jax.distributed import claim_directory
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
@@ -172,10 +174,13 @@ def candidates_kl(weights, bank, levels_c2l, tokens_bt, idx_ntk, logp_ntk, rows_
                   mesh=None, over="tokens"):
     """Per-sequence top-k KL of C candidates [C, 2, L] on the pool windows `rows_b`: [C, B].
 
-    The dense top-k rows are gathered from the pool's cache, which stays split over `data`. With a
+    The dense top-k rows are gathered from the pool's cache, which stays split over `data`: each device
+    picks the requested rows it holds and one all-reduce of the B picked rows (B × T × k, never the whole
+    cache) assembles them (XLA's partitioning of the gather, read off the compiled program). With a
     mesh, `over` says what the `data` devices split: the token batch (every device evaluates all
-    candidates on B/D windows) or the candidates (each device its C/D on all B windows); either way
-    no collective is needed. On each device candidates are vmapped `candidate_batch` at a time.
+    candidates on B/D windows) or the candidates (each device its C/D on all B windows); either way the
+    evaluation itself needs no collective. On each device candidates are vmapped `candidate_batch` at a
+    time.
     """
     idx_btk, logp_btk = jnp.take(idx_ntk, rows_b, axis=0), jnp.take(logp_ntk, rows_b, axis=0)
 
@@ -208,6 +213,8 @@ def mutate(parent: np.ndarray, plan: LevelPlan, rng: np.random.Generator, num: i
     min(randint(1, max_flips), randint(1, max_flips)) sparsity shifts that keep both unit counts."""
     tables = [np.asarray(plan.attn), np.asarray(plan.mlp)]
     num_levels = tables[0].shape[1]
+    if parent.shape[1] < 2:
+        raise ValueError("a sparsity shift moves units between two layers; the model has only one")
     seen = {parent.tobytes()}
     out = []
     for _ in range(max_tries):
@@ -246,6 +253,10 @@ class FitnessPool:
     def __init__(self, weights, cfg: ModelConfig, tokens: np.ndarray, scfg: SearchConfig, *, mesh=None,
                  progress: bool = True):
         self.tokens, self.mesh = np.asarray(tokens, np.int32), mesh
+        if self.tokens.ndim != 2 or self.tokens.shape[1] != scfg.seq_len:
+            raise ValueError(f"fitness windows must be [N, search.seq_len = {scfg.seq_len}], got {self.tokens.shape}")
+        if scfg.top_k > cfg.vocab_size:
+            raise ValueError(f"search.top_k = {scfg.top_k} exceeds the vocabulary ({cfg.vocab_size} tokens); lower it")
         # Padded with copies of the first window to whole calls on every device; those rows are never drawn.
         padded = np.concatenate([self.tokens, np.repeat(self.tokens[:1], -len(self.tokens) % (
             scfg.token_batch * data_size(mesh)), axis=0)])
@@ -309,29 +320,42 @@ def run_search(weights, cfg: ModelConfig, plan: LevelPlan, bank: LevelBank, pool
     Returns (best [2, L] level indices, history of the parent's fitness per generation)."""
     num_levels = len(plan.attn[0])
     parent = np.full((2, cfg.num_layers), num_levels // 2, np.int32)
+    target = unit_counts(plan, *parent)
     history: list[float] = []
-    manager = ocp.CheckpointManager(pathlib.Path(state_dir).absolute(),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    state_dir = pathlib.Path(state_dir).absolute()  # Orbax wants absolute paths
+    claim_directory(state_dir, search_fingerprint(scfg, plan, pool, iteration), "a search run")
+    manager = ocp.CheckpointManager(state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
     start = 0
     if manager.latest_step() is not None:
         start = manager.latest_step()
+        if start > scfg.generations:
+            raise ValueError(f"{state_dir} holds {start} generations, more than search.generations = "
+                             f"{scfg.generations}; raise it or use another output directory")
         state = manager.restore(start, args=ocp.args.StandardRestore())
         parent, history = np.asarray(state["parent"], np.int32), list(np.asarray(state["history"]))
-        if parent.shape != (2, cfg.num_layers):
-            raise ValueError(f"{state_dir} holds a search of another model; delete it or use another --out")
-    target = unit_counts(plan, *parent)
     bar = tqdm(range(start, scfg.generations), desc=f"search it{iteration}", unit="gen", disable=not progress,
                initial=start, total=scfg.generations)
     for gen in bar:
         rng = np.random.default_rng([scfg.seed, iteration, gen])
         parent, fitness = generation_step(weights, bank, cfg, scfg, plan, pool, parent, rng)
-        assert unit_counts(plan, *parent) == target, "the search broke the parameter budget"
+        if unit_counts(plan, *parent) != target:
+            raise RuntimeError(f"generation {gen}: the search broke the parameter budget (a bug; please report it)")
         history.append(fitness)
         manager.save(gen + 1, args=ocp.args.StandardSave({"parent": parent, "history": np.asarray(history)}))
         manager.wait_until_finished()
         bar.set_postfix(kl=f"{fitness:.4f}")
     manager.close()
     return parent, history
+
+
+def search_fingerprint(scfg: SearchConfig, plan: LevelPlan, pool: FitnessPool, iteration: int) -> dict:
+    """What a search's result depends on: its settings (not the generation or iteration counts, which a
+    re-run may raise, nor the batch sizes of the compiled calls), the level plan and the fitness windows."""
+    settings = {k: v for k, v in dataclasses.asdict(scfg).items()
+                if k not in ("generations", "iterations", "token_batch", "candidate_batch")}
+    return {"search": settings, "iteration": iteration,
+            "levels": {"attn": [list(r) for r in plan.attn], "mlp": [list(r) for r in plan.mlp]},
+            "pool_sha256": hashlib.sha256(np.ascontiguousarray(pool.tokens, np.int32).tobytes()).hexdigest()}
 
 
 def removal_fractions(plan: LevelPlan, levels: np.ndarray, cfg: ModelConfig) -> tuple[list[float], list[float]]:

@@ -46,6 +46,7 @@ class SupernetConfig:
     attn_round_size: int = 1               # units per progressive round (Týr only)
     mlp_round_size: int = 16
     damp: float = 0.01
+    refit_damped: bool = True              # Týr's final refit with the damped H (ridge); False: exact least squares
     expectation: bool = True               # Eq. 5; False propagates the dense output
 
     def __post_init__(self):
@@ -60,7 +61,8 @@ class SupernetConfig:
     def hparams(self, kind: str) -> dict:
         if self.method != "tyr":
             return {}
-        return {"damp": self.damp, "round_size": self.attn_round_size if kind == "attn" else self.mlp_round_size}
+        return {"damp": self.damp, "round_size": self.attn_round_size if kind == "attn" else self.mlp_round_size,
+                "refit_damped": self.refit_damped}
 
 
 def level_removals(num_units: int, centre: float, step: float, num_levels: int, min_step: int) -> tuple[int, ...]:

@@ -141,16 +141,18 @@ class ModelConfig:
         return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d
 
     def attention_params(self, kv_groups: int) -> int:
-        """Parameters of one attention sublayer with `kv_groups` KV groups (norm excluded)."""
+        """Parameters of one attention sublayer with `kv_groups` KV groups (norm excluded; an output bias
+        stays, and is the whole sublayer, when no group is left)."""
         d, h, g = self.hidden_size, self.head_dim, self.q_per_kv
         per_group = d * h * (g + 2) + g * h * d + (h * (g + 2) if self.qkv_bias else 0)
-        return kv_groups * per_group + (d if self.o_bias and kv_groups else 0)
+        return kv_groups * per_group + (d if self.o_bias else 0)
 
     def mlp_params(self, width: int) -> int:
-        """Parameters of one MLP sublayer with `width` intermediate channels (norm excluded)."""
+        """Parameters of one MLP sublayer with `width` intermediate channels (norm excluded; a down_proj
+        bias stays when no channel is left)."""
         d = self.hidden_size
         down_bias = self.mlp_bias or self.down_bias
-        return width * (3 * d + (2 if self.mlp_bias else 0)) + (d if down_bias and width else 0)
+        return width * (3 * d + (2 if self.mlp_bias else 0)) + (d if down_bias else 0)
 
     def layer_params(self, layer: int) -> int:
         return (2 * self.hidden_size + self.attention_params(self.layer_kv_groups(layer)) +

@@ -20,8 +20,23 @@ def init_cache(weights: llama.Weights, batch: int, max_len: int):
             for blk in weights.blocks]
 
 
-def _step(weights, cache, tokens_bt, start, cfg: ModelConfig):
-    """Runs tokens at positions start..start+T-1 against the cache; returns (last logits [B, V], cache)."""
+def _cached_attention(q, k_cache, v_cache, positions_bt, cfg: ModelConfig):
+    """Queries at `positions_bt` against every cached position up to theirs (fp32 logits)."""
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+    kpos, qpos = jnp.arange(k_cache.shape[1]), positions_bt[0][:, None]
+    visible = kpos[None, :] <= qpos
+    if cfg.sliding_window is not None:
+        visible = visible & (qpos - kpos[None, :] < cfg.sliding_window)
+    probs = jax.nn.softmax(jnp.where(visible, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_cache.dtype), v_cache)
+
+
+def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool):
+    """Runs tokens at positions start..start+T-1 against the cache; returns (last logits [B, V], cache).
+
+    A prompt (start 0) attends over itself with `llama.attend` (cuDNN's fused kernel on GPU in half
+    precision), not over the whole cache; later tokens attend over the cache."""
     b, t = tokens_bt.shape
     positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     rope = llama.rope_tables(cfg, positions)
@@ -33,15 +48,7 @@ def _step(weights, cache, tokens_bt, start, cfg: ModelConfig):
             q, k, v = llama.project_qkv(a, x, cfg, rope)
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
-            s = k_cache.shape[1]
-            logits = jnp.einsum("btkgh,bskh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
-            logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
-            kpos = jnp.arange(s)
-            visible = kpos[None, :] <= positions[0][:, None]
-            if cfg.sliding_window is not None:
-                visible = visible & (positions[0][:, None] - kpos[None, :] < cfg.sliding_window)
-            probs = jax.nn.softmax(jnp.where(visible, logits, jnp.finfo(jnp.float32).min), axis=-1)
-            ctx = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_cache.dtype), v_cache)
+            ctx = llama.attend(q, k, v, cfg) if prompt else _cached_attention(q, k_cache, v_cache, positions, cfg)
             out = jnp.einsum("btkgh,kghd->btd", ctx, a.o_kghd)
             x = x + (out if a.o_bias_d is None else out + a.o_bias_d)
         elif a.o_bias_d is not None:
@@ -53,12 +60,12 @@ def _step(weights, cache, tokens_bt, start, cfg: ModelConfig):
 
 def prefill(weights, cache, prompt_bt, cfg: ModelConfig):
     """Fills the caches with the prompt; returns (next-token logits [B, V], cache)."""
-    return _step(weights, cache, prompt_bt, 0, cfg)
+    return _step(weights, cache, prompt_bt, 0, cfg, prompt=True)
 
 
 def decode_step(weights, cache, token_b, position, cfg: ModelConfig):
     """One new token per sequence at `position`; returns (logits [B, V], cache)."""
-    return _step(weights, cache, token_b[:, None], position, cfg)
+    return _step(weights, cache, token_b[:, None], position, cfg, prompt=False)
 
 
 def generate(weights, prompt_bt, cfg: ModelConfig, num_new: int):

@@ -144,21 +144,27 @@ def project_qkv(attn: Attention, x_btd: Array, cfg: ModelConfig, rope: tuple[Arr
 
 def attention_context(attn: Attention, x_btd: Array, cfg: ModelConfig, rope: tuple[Array, Array],
                       *, implementation: str | None = None) -> Float[Array, "B T K G H"]:
-    """Normed input → per-head attention output, the input of `o_proj` (before any mask).
+    """Normed input → per-head attention output, the input of `o_proj` (before any mask)."""
+    q, k, v = project_qkv(attn, x_btd, cfg, rope)
+    return attend(q, k, v, cfg, implementation=implementation)
+
+
+def attend(q_btkgh: Array, k_btkh: Array, v_btkh: Array, cfg: ModelConfig, *,
+           implementation: str | None = None) -> Float[Array, "B T K G H"]:
+    """Causal self-attention of T queries over the same T positions.
 
     `implementation`: "xla" (our einsum attention, fp32 logits), "cudnn" (fused, GPU only) or None
     (auto: cuDNN on GPU for bf16/fp16, else XLA)."""
-    q, k, v = project_qkv(attn, x_btd, cfg, rope)
     if implementation is None:  # auto: cuDNN's fused attention where it exists (GPU, half precision)
-        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        half = q_btkgh.dtype in (jnp.bfloat16, jnp.float16)
         implementation = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
     if implementation == "cudnn":
-        b, t, kv, g, h = q.shape
+        b, t, kv, g, h = q_btkgh.shape
         window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-        out = jax.nn.dot_product_attention(q.reshape(b, t, kv * g, h), k, v, is_causal=True,
+        out = jax.nn.dot_product_attention(q_btkgh.reshape(b, t, kv * g, h), k_btkh, v_btkh, is_causal=True,
                                            implementation="cudnn", local_window_size=window)
         return out.reshape(b, t, kv, g, h)
-    return causal_attention(q, k, v, cfg.sliding_window)
+    return causal_attention(q_btkgh, k_btkh, v_btkh, cfg.sliding_window)
 
 
 def causal_attention(q_btkgh: Array, k_bskh: Array, v_bskh: Array, window: int | None = None) -> Array:

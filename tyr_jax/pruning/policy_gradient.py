@@ -63,6 +63,7 @@ from tyr_jax.distributed import claim_directory
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning.baselines import wanda_sp_scores
+from tyr_jax.sharding import batch_sharding, data_size, replicated
 
 INITS = ("wanda_sp", "uniform")
 
@@ -259,7 +260,12 @@ def policy_gradient(pcfg: PolicyGradientConfig, budget: Budget) -> PolicyGradien
         updates, opt_state = optimizer.update(grads, state.opt_state, state.probs)
         probs = project(fix_gates(optax.apply_updates(state.probs, updates)), budget)
         baseline = baseline + (mean - baseline) / pcfg.baseline_window
-        return PGState(probs, opt_state, baseline, state.step + 1, state.key)
+        # A non-finite loss would turn every probability into NaN: such a step changes nothing but the
+        # step count (the driver reports how many were skipped).
+        finite = jnp.all(jnp.isfinite(losses_k))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        return PGState(keep(probs, state.probs), keep(opt_state, state.opt_state), keep(baseline, state.baseline),
+                       state.step + 1, state.key)
 
     return PolicyGradient(init, sample, update)
 
@@ -310,10 +316,11 @@ def _block_input_sq_norms(blk: llama.Block, x_btd: Array, rope, cfg: ModelConfig
 
 
 def wanda_sp_metric(weights: llama.Weights, cfg: ModelConfig, calib_bt: np.ndarray, *,
-                    batch_size: int) -> tuple[Float[Array, "L K"], Float[Array, "L F"]]:
-    """Wanda-sp scores of every KV group and MLP channel from the dense model on the calibration windows."""
+                    batch_size: int, mesh=None) -> tuple[Float[Array, "L K"], Float[Array, "L F"]]:
+    """Wanda-sp scores of every KV group and MLP channel from the dense model on the calibration windows
+    (each batch split over the mesh's `data` axis where it divides)."""
     calib_bt = np.asarray(calib_bt, np.int32)
-    chunks = [jnp.asarray(calib_bt[i: i + batch_size]) for i in range(0, len(calib_bt), batch_size)]
+    chunks = [_put_batch(calib_bt[i: i + batch_size], mesh) for i in range(0, len(calib_bt), batch_size)]
     ropes = [llama.rope_tables(cfg, llama.default_positions(c)) for c in chunks]
     xs = [llama.embed(weights, c) for c in chunks]
     attn, mlp_scores = [], []
@@ -357,16 +364,30 @@ def _batch(stream: np.ndarray, pcfg: PolicyGradientConfig, key_data, step: int) 
     return sampler.sample_windows(stream, pcfg.batch_size, pcfg.seq_len + 1, key=data_key)
 
 
+def _put_batch(tokens_bt: np.ndarray, mesh) -> Array:
+    """Token windows on the mesh: split over `data` when their number divides, else on every device."""
+    if mesh is None:
+        return jnp.asarray(tokens_bt)
+    split = len(tokens_bt) % data_size(mesh) == 0
+    return jax.device_put(tokens_bt, batch_sharding(mesh) if split else replicated(mesh))
+
+
 def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pcfg: PolicyGradientConfig,
                 target_sparsity: float, state_dir: str | pathlib.Path, *, calib_bt: np.ndarray | None = None,
-                calib_batch_size: int = 8, fingerprint: dict | None = None,
+                calib_batch_size: int = 8, fingerprint: dict | None = None, mesh=None,
                 progress: bool = True) -> tuple[KeepProbs, np.ndarray]:
     """Runs (or resumes) the training loop; returns the final probabilities and the mean loss of every step.
 
     `stream` is the calibration corpus as one token stream (training batches are drawn from it with
     `sampler.sample_windows`, key fold_in(run key, step)); `calib_bt` are the windows for the Wanda-sp
     statistics. The state is saved with Orbax under `state_dir` every `checkpoint_every` steps and at the
-    end; a directory written with other settings (`fingerprint`) is refused."""
+    end; a directory written with other settings (`fingerprint`) is refused.
+
+    With a `mesh` (weights already placed by `sharding.weight_shardings`), every step's windows are split
+    over `data` (when `batch_size` is a multiple of its size) and the state is kept on every device: the K
+    masked forward passes run data- and model-parallel in the one compiled step, every device draws the
+    same masks from the same key, and the result equals one device's up to floating-point summation order
+    (so a run may resume on another mesh)."""
     state_dir = pathlib.Path(state_dir).absolute()  # Orbax wants absolute paths
     budget = keep_budget(cfg, target_sparsity)
     pg = policy_gradient(pcfg, budget)
@@ -383,20 +404,27 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
         if pcfg.init == "wanda_sp":
             if calib_bt is None:
                 raise ValueError("init wanda_sp needs calibration windows (calib_bt)")
-            metric = wanda_sp_metric(weights, cfg, calib_bt, batch_size=calib_batch_size)
+            metric = wanda_sp_metric(weights, cfg, calib_bt, batch_size=calib_batch_size, mesh=mesh)
         state = pg.init(initial_probs(pcfg, cfg, target_sparsity, metric), key=key)
-    else:  # the state's shapes give the restore its tree structure
+        if mesh is not None:
+            state = jax.device_put(state, replicated(mesh))
+    else:  # the state's shapes (and placement) give the restore its tree structure
         zeros = KeepProbs(*(jnp.zeros(s, jnp.float32) for s in _prob_shapes(cfg)))
-        template = {"state": jax.eval_shape(lambda: pg.init(zeros, key=key)), "losses": losses}
-        restored = manager.restore(start, args=ocp.args.StandardRestore(template))
+        template = jax.eval_shape(lambda: pg.init(zeros, key=key))
+        if mesh is not None:
+            template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
+                                    template)
+        restored = manager.restore(start, args=ocp.args.StandardRestore({"state": template, "losses": losses}))
         state, losses = restored["state"], np.array(restored["losses"])
     step_fn = compile_step(pg, cfg)
     bar = tqdm(range(start, pcfg.steps), desc="policy gradient", unit="step", disable=not progress,
                initial=start, total=pcfg.steps)
     for t in bar:
-        tokens = jnp.asarray(_batch(stream, pcfg, state.key, t))
+        tokens = _put_batch(_batch(stream, pcfg, state.key, t), mesh)
         state, losses_k = step_fn(state, weights, tokens)
         losses[t] = float(jnp.mean(losses_k))
+        if not np.isfinite(losses[t]):
+            tqdm.write(f"policy gradient step {t}: a sampled mask's loss is not finite; the step is skipped")
         bar.set_postfix(loss=f"{float(state.baseline):.4f}")
         if (t + 1) % pcfg.checkpoint_every == 0 or t + 1 == pcfg.steps:
             manager.save(t + 1, args=ocp.args.StandardSave({"state": state, "losses": losses}))
@@ -417,8 +445,14 @@ def prune(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pcfg: Po
     probs, losses = learn_probs(weights, cfg, stream, pcfg, target_sparsity, state_dir, **kwargs)
     masks = hard_masks(probs, keep_budget(cfg, target_sparsity))
     pruned, pruned_cfg = llama.apply_masks(weights, cfg, masks)
-    curve = [float(c.mean()) for c in np.array_split(losses, min(100, len(losses)))]
+    finite = np.isfinite(losses)
+    if not finite.any():
+        raise ValueError("every policy-gradient step had a non-finite loss, so nothing was learned; check the "
+                         "model's weights and dtype (float32 avoids overflow)")
+    curve = [float(c[np.isfinite(c)].mean()) if np.isfinite(c).any() else None
+             for c in np.array_split(losses, min(100, len(losses)))]
     report = {"steps": pcfg.steps, "samples": pcfg.samples, "init": pcfg.init, "loss_curve": curve,
+              "skipped_steps": int((~finite).sum()),
               "sublayers_removed": {"attn": sum(k == 0 for k in pruned_cfg.kv_groups),
                                     "mlp": sum(f == 0 for f in pruned_cfg.mlp_widths)}}
     return pruned, pruned_cfg, report

@@ -20,7 +20,7 @@ from tyr_jax.pruning import SublayerStats, accumulate_stats
 from tyr_jax.pruning import policy_gradient as pgm
 from tyr_jax.pruning.baselines import wanda_sp_scores
 from tyr_jax.runconfig import load_run_config
-from tyr_jax.sharding import make_mesh
+from tyr_jax.sharding import make_mesh, put_batch
 
 CFG = ModelConfig(vocab_size=61, hidden_size=24, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=4,
                   intermediate_size=40)
@@ -180,7 +180,7 @@ def test_learning_on_a_mesh_equals_one_device(weights, learned_on_one_device, tm
     # Windows split over `data`, weights over `model` (the Wanda-sp statistics too); the same masks are
     # drawn everywhere, so the probabilities agree up to fp32 summation order, and a resume may switch mesh.
     mesh = make_mesh(*shape)
-    assert pgm._put_batch(np.zeros((8, 9), np.int32), mesh).sharding.spec == P("data", None)
+    assert put_batch(np.zeros((8, 9), np.int32), mesh).sharding.spec == P("data", None)
     probs, losses = _learn(place(weights, mesh), tmp_path / "mesh", mesh=mesh, batch_size=8, init="wanda_sp")
     want_probs, want_losses = learned_on_one_device
     for got, want in zip(probs, want_probs):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import pathlib
 
@@ -32,7 +31,7 @@ from tyr_jax.distributed import claim_directory
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
-from tyr_jax.supernet import LevelPlan, SupernetStore, expand_level
+from tyr_jax.supernet import LevelPlan, SupernetStore, expand_level, tokens_sha256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +332,8 @@ def run_search(weights, cfg: ModelConfig, plan: LevelPlan, bank: LevelBank, pool
                              f"{scfg.generations}; raise it or use another output directory")
         state = manager.restore(start, args=ocp.args.StandardRestore())
         parent, history = np.asarray(state["parent"], np.int32), list(np.asarray(state["history"]))
+        if parent.shape != (2, cfg.num_layers):  # directories from before the fingerprint
+            raise ValueError(f"{state_dir} holds a search of another model; delete it or use another --out")
     bar = tqdm(range(start, scfg.generations), desc=f"search it{iteration}", unit="gen", disable=not progress,
                initial=start, total=scfg.generations)
     for gen in bar:
@@ -353,9 +354,8 @@ def search_fingerprint(scfg: SearchConfig, plan: LevelPlan, pool: FitnessPool, i
     re-run may raise, nor the batch sizes of the compiled calls), the level plan and the fitness windows."""
     settings = {k: v for k, v in dataclasses.asdict(scfg).items()
                 if k not in ("generations", "iterations", "token_batch", "candidate_batch")}
-    return {"search": settings, "iteration": iteration,
-            "levels": {"attn": [list(r) for r in plan.attn], "mlp": [list(r) for r in plan.mlp]},
-            "pool_sha256": hashlib.sha256(np.ascontiguousarray(pool.tokens, np.int32).tobytes()).hexdigest()}
+    return {"search": settings, "iteration": iteration, "levels": plan.to_json(),
+            "pool_sha256": tokens_sha256(pool.tokens)}
 
 
 def removal_fractions(plan: LevelPlan, levels: np.ndarray, cfg: ModelConfig) -> tuple[list[float], list[float]]:

@@ -102,6 +102,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
 
 
+def put_batch(a: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """Host windows on the mesh: split over `data` along the first axis when it divides, else on every
+    device (no mesh: the default device)."""
+    if mesh is None:
+        return jax.numpy.asarray(a)
+    split = len(a) % data_size(mesh) == 0
+    return jax.device_put(a, batch_sharding(mesh, a.ndim) if split else replicated(mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

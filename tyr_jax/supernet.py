@@ -103,6 +103,15 @@ class LevelPlan:
                     for c in mlp_centres)
         return cls(attn, mlp)
 
+    def to_json(self) -> dict:
+        """The removal counts as JSON lists (for fingerprints)."""
+        return {"attn": [list(r) for r in self.attn], "mlp": [list(r) for r in self.mlp]}
+
+
+def tokens_sha256(tokens: np.ndarray) -> str:
+    """Digest of token windows (int32 bytes): what a fingerprint records of its calibration or fitness text."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).hexdigest()
+
 
 def expectation_weights(removals: tuple[int, ...], num_units: int) -> np.ndarray:
     """w_e = (1 − S_e) / Σ (1 − S_e'), all zero when every copy removes everything."""
@@ -253,10 +262,10 @@ def fingerprint(cfg: ModelConfig, scfg: SupernetConfig, plan: LevelPlan, calib_t
         "model_config": cfg.to_hf(),
         "num_layers": cfg.num_layers,
         "dtype": jnp.dtype(dtype).name,
-        "calibration_sha256": hashlib.sha256(np.ascontiguousarray(calib_tokens, np.int32).tobytes()).hexdigest(),
+        "calibration_sha256": tokens_sha256(calib_tokens),
         "calibration_shape": list(calib_tokens.shape),
         "supernet": dataclasses.asdict(scfg),
-        "levels": {"attn": [list(r) for r in plan.attn], "mlp": [list(r) for r in plan.mlp]},
+        "levels": plan.to_json(),
     }
 
 

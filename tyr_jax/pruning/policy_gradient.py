@@ -63,7 +63,7 @@ from tyr_jax.distributed import claim_directory
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning.baselines import wanda_sp_scores
-from tyr_jax.sharding import batch_sharding, data_size, replicated
+from tyr_jax.sharding import put_batch, replicated
 
 INITS = ("wanda_sp", "uniform")
 
@@ -320,7 +320,7 @@ def wanda_sp_metric(weights: llama.Weights, cfg: ModelConfig, calib_bt: np.ndarr
     """Wanda-sp scores of every KV group and MLP channel from the dense model on the calibration windows
     (each batch split over the mesh's `data` axis where it divides)."""
     calib_bt = np.asarray(calib_bt, np.int32)
-    chunks = [_put_batch(calib_bt[i: i + batch_size], mesh) for i in range(0, len(calib_bt), batch_size)]
+    chunks = [put_batch(calib_bt[i: i + batch_size], mesh) for i in range(0, len(calib_bt), batch_size)]
     ropes = [llama.rope_tables(cfg, llama.default_positions(c)) for c in chunks]
     xs = [llama.embed(weights, c) for c in chunks]
     attn, mlp_scores = [], []
@@ -362,14 +362,6 @@ def _batch(stream: np.ndarray, pcfg: PolicyGradientConfig, key_data, step: int) 
     """The training windows of one step: seq_len + 1 tokens each (inputs and targets), from its data key."""
     data_key, _ = step_keys(key_data, step)
     return sampler.sample_windows(stream, pcfg.batch_size, pcfg.seq_len + 1, key=data_key)
-
-
-def _put_batch(tokens_bt: np.ndarray, mesh) -> Array:
-    """Token windows on the mesh: split over `data` when their number divides, else on every device."""
-    if mesh is None:
-        return jnp.asarray(tokens_bt)
-    split = len(tokens_bt) % data_size(mesh) == 0
-    return jax.device_put(tokens_bt, batch_sharding(mesh) if split else replicated(mesh))
 
 
 def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pcfg: PolicyGradientConfig,
@@ -420,7 +412,7 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
     bar = tqdm(range(start, pcfg.steps), desc="policy gradient", unit="step", disable=not progress,
                initial=start, total=pcfg.steps)
     for t in bar:
-        tokens = _put_batch(_batch(stream, pcfg, state.key, t), mesh)
+        tokens = put_batch(_batch(stream, pcfg, state.key, t), mesh)
         state, losses_k = step_fn(state, weights, tokens)
         losses[t] = float(jnp.mean(losses_k))
         if not np.isfinite(losses[t]):

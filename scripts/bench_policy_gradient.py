@@ -50,6 +50,7 @@ def time_steps(cfg: ModelConfig, samples: int, batch: int, seq_len: int, steps: 
     state, losses = step(state, weights, tokens)
     jax.block_until_ready(losses)
     first = time.perf_counter() - start
+    print(f"K={samples}, {cfg.num_layers} layers: compile {compile_s:.1f} s, first step {first:.2f} s", flush=True)
     times = []
     for _ in range(steps):
         start = time.perf_counter()

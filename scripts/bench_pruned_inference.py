@@ -60,6 +60,7 @@ def main():
 
         gen = jax.jit(lambda w, p, n=args.new_tokens: decode.generate(w, p, cfg, n))
         prefill_s = float(np.median(timed(ttft, weights, prompt, repeats=5)))
+        print(f"sparsity {s:.2f}: prefill {prefill_s * 1e3:.1f} ms", flush=True)
         gen_s = float(np.median(timed(gen, weights, prompt, repeats=3)))
         per_token = (gen_s - prefill_s) / args.new_tokens
         rows.append({"sparsity": s, "prunable_params": prunable_params(weights),

@@ -57,12 +57,14 @@ def time_generation(num_layers: int, scfg: search.SearchConfig, generations: int
     pool = search.FitnessPool(weights, cfg, tokens, scfg, mesh=mesh, progress=False)
     jax.block_until_ready(pool.idx)
     pool_s = time.perf_counter() - start
+    print(f"{num_layers} layers: fitness pool (dense top-k) {pool_s:.1f} s", flush=True)
     parent = np.full((2, num_layers), 4, np.int32)
     times = []
     for gen in range(generations + 1):  # the first generation compiles
         start = time.perf_counter()
         parent, _ = search.generation_step(weights, bank, cfg, scfg, plan, pool, parent, np.random.default_rng(gen))
         times.append(time.perf_counter() - start)
+        print(f"  generation {gen}{' (compiles)' if gen == 0 else ''}: {times[-1]:.1f} s", flush=True)
     del bank, weights
     return {"layers": num_layers, "pool_topk_s": pool_s, "first_generation_s": times[0],
             "generation_s": float(np.median(times[1:])), "flop_per_generation": generation_flops(cfg, scfg)}

@@ -172,3 +172,15 @@ def test_cli_supernet_builds_resumes_and_refuses(tiny_hf_dir, tmp_path, capsys):
     assert "different levels, supernet" in capsys.readouterr().err
     assert main(["supernet", "--config", str(cfg_file), "--out", str(out), "supernet.bogus=1"]) == 2
     assert main(["supernet", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_calibration_batches_refuse_uneven_batches_and_pruned_models():
+    batches = sn.calibration_batches(CFG, _calib(n=8), 4)
+    assert [b.shape for b in batches] == [(4, 16), (4, 16)] and batches[0].dtype == np.int32
+    with pytest.raises(ValueError, match="7 calibration sequences do not split into batches of 4"):
+        sn.calibration_batches(CFG, _calib(n=7), 4)
+    with pytest.raises(ValueError, match="0 calibration sequences"):
+        sn.calibration_batches(CFG, _calib(n=0), 4)
+    pruned = CFG.with_layer_sizes([2, 3, 3], [40, 20, 40])
+    with pytest.raises(ValueError, match="built from the dense model"):
+        sn.calibration_batches(pruned, _calib(n=8), 4)

@@ -211,14 +211,9 @@ def build_supernets_vmapped(weights: llama.Weights, cfg: ModelConfig, calib_toke
     neutral = {name.split(".")[1]: getattr(sn.SupernetConfig(), name.split(".")[1]) for name in VMAP_KEYS}
     if len({dataclasses.replace(s, **neutral) for s in scfgs}) != 1:
         raise ValueError(f"vmapped variants may differ only in {', '.join(VMAP_KEYS)}")
-    if cfg.is_pruned:
-        raise ValueError("the supernet is built from the dense model; got a model with pruned layer sizes")
+    chunks = sn.calibration_batches(cfg, calib_tokens, batch_size)
     d, attn_unit = cfg.hidden_size, cfg.q_per_kv * cfg.head_dim
     method = scfgs[0].method
-    calib_tokens = np.asarray(calib_tokens, np.int32)
-    chunks = [calib_tokens[i: i + batch_size] for i in range(0, len(calib_tokens), batch_size)]
-    if len(chunks[-1]) != batch_size:
-        raise ValueError(f"{len(calib_tokens)} calibration sequences do not split into batches of {batch_size}")
     rope = llama.rope_tables(cfg, llama.default_positions(jnp.asarray(chunks[0])))
     xs = [jnp.repeat(llama.embed(weights, jnp.asarray(c))[None], num, axis=0) for c in chunks]
     attn_hp, mlp_hp = _hparams_v(scfgs, "attn"), _hparams_v(scfgs, "mlp")

@@ -272,6 +272,18 @@ def fingerprint(cfg: ModelConfig, scfg: SupernetConfig, plan: LevelPlan, calib_t
 # -- building -------------------------------------------------------------------------------------
 
 
+def calibration_batches(cfg: ModelConfig, calib_tokens: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The calibration sequences as int32 batches of `batch_size` (they must split evenly), after
+    checking that `cfg` is a dense model (the supernet is built from it)."""
+    if cfg.is_pruned:
+        raise ValueError("the supernet is built from the dense model; got a model with pruned layer sizes")
+    calib_tokens = np.asarray(calib_tokens, np.int32)
+    if len(calib_tokens) == 0 or len(calib_tokens) % batch_size:
+        raise ValueError(f"{len(calib_tokens)} calibration sequences do not split into batches of {batch_size}: "
+                         "make calibration.num_sequences a positive multiple of calibration.batch_size")
+    return [calib_tokens[i: i + batch_size] for i in range(0, len(calib_tokens), batch_size)]
+
+
 def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.ndarray, scfg: SupernetConfig,
                    plan: LevelPlan, store: SupernetStore, *, batch_size: int = 8, progress: bool = True,
                    mesh=None, timings: dict | None = None) -> SupernetStore:
@@ -289,13 +301,8 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     timings = {} if timings is None else timings
     for name in ("prune_s", "save_s", "total_s"):
         timings.setdefault(name, 0.0)
-    if cfg.is_pruned:
-        raise ValueError("the supernet is built from the dense model; got a model with pruned layer sizes")
+    chunks = calibration_batches(cfg, calib_tokens, batch_size)
     d, g, h = cfg.hidden_size, cfg.q_per_kv, cfg.head_dim
-    calib_tokens = np.asarray(calib_tokens, np.int32)
-    chunks = [calib_tokens[i: i + batch_size] for i in range(0, len(calib_tokens), batch_size)]
-    if len(chunks[-1]) != batch_size:
-        raise ValueError(f"{len(calib_tokens)} calibration sequences do not split into batches of {batch_size}")
     if mesh is not None and batch_size % mesh.shape["data"]:
         raise ValueError(f"calibration batch size {batch_size} is not a multiple of mesh.data = {mesh.shape['data']}")
     put = jnp.asarray if mesh is None else (lambda a: jax.device_put(a, batch_sharding(mesh)))

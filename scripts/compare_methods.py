@@ -116,7 +116,7 @@ def table(out: pathlib.Path) -> str:
             p = s["params"]
             row(s["name"], target, f"{p['prunable_pruned'] / p['prunable_dense']:.2%}", s["ppl"]["pruned"],
                 s["zeroshot"]["pruned"], f"{s['wall_time_s']:.0f} s")
-    text = s["ppl"]
+    text = summaries[0]["ppl"]   # every run scores the same evaluation text
     return "\n".join(lines) + f"\n\nperplexity: {text['text']}, windows of {text['seq_len']}, " \
                               f"{text['tokens_scored']:,} tokens scored\n"
 

@@ -30,7 +30,7 @@ from tyr_jax.distributed import barrier, claim_directory, is_primary
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
-from tyr_jax.sharding import batch_sharding, logical_sharding, replicated, to_host
+from tyr_jax.sharding import logical_sharding, put_batch, replicated, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,10 +305,9 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     d, g, h = cfg.hidden_size, cfg.q_per_kv, cfg.head_dim
     if mesh is not None and batch_size % mesh.shape["data"]:
         raise ValueError(f"calibration batch size {batch_size} is not a multiple of mesh.data = {mesh.shape['data']}")
-    put = jnp.asarray if mesh is None else (lambda a: jax.device_put(a, batch_sharding(mesh)))
     attn_in, mlp_in = cfg.num_kv_heads * g * h, cfg.intermediate_size
-    rope = llama.rope_tables(cfg, llama.default_positions(put(chunks[0])))
-    xs = [llama.embed(weights, put(c)) for c in chunks]
+    rope = llama.rope_tables(cfg, llama.default_positions(put_batch(chunks[0], mesh)))
+    xs = [llama.embed(weights, put_batch(c, mesh)) for c in chunks]  # split over `data` (checked above)
     bar = tqdm(range(cfg.num_layers), desc="supernet", unit="block", disable=not progress)
     for i in bar:
         start = time.perf_counter()

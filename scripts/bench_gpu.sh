@@ -3,7 +3,7 @@
 # Each writes DIR/<name>.json and DIR/<name>.log; one whose JSON exists is skipped, so a re-run after a
 # kill resumes with the next unfinished one. The search at 32 layers needs a 141 GB device (H200); on
 # an 80 GB one set SEARCH_LAYERS=4,8 (measured at 4 and 8 layers, extrapolated to 32).
-#   bash scripts/bench_gpu.sh DIR          (estimated 15 minutes on one H200)
+#   bash scripts/bench_gpu.sh DIR          (20 minutes on one H200, 2026-12-02)
 set -u
 dir=${1:?usage: bash scripts/bench_gpu.sh DIR}
 mkdir -p "$dir"

@@ -20,15 +20,18 @@ def main():
     parser.add_argument("--mesh", default="1,8", help="data,model")
     parser.add_argument("--device-gb", type=float, default=141.0, help="memory of one device (GB, 1e9 bytes)")
     parser.add_argument("--no-compile", action="store_true", help="shapes only: skip the compiled working sets")
+    parser.add_argument("--config", default="configs/llama-3.1-70b.yaml", help="run config whose search settings to plan")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     data, model = map(int, args.mesh.split(","))
     jax.config.update("jax_num_cpu_devices", data * model)
 
     from tyr_jax.memory import LLAMA31_70B, memory_plan
+    from tyr_jax.runconfig import load_run_config
     from tyr_jax.sharding import make_mesh
 
-    plan = memory_plan(LLAMA31_70B, make_mesh(data, model), compile_steps=not args.no_compile)
+    search = load_run_config(args.config).search
+    plan = memory_plan(LLAMA31_70B, make_mesh(data, model), search=search, compile_steps=not args.no_compile)
     print(f"Llama-3.1-70B, bf16, mesh data={data} × model={model}, devices of {args.device_gb:g} GB")
     print(f"{'':>24} {'per device GB':>14} {'whole GB':>10}")
     for name, v in plan.items():

@@ -83,7 +83,7 @@ def test_candidate_logits_equal_the_assembled_model(setup):
     levels = np.array([[0, 5, 8], [3, 4, 6]], np.int32)
     small, small_cfg = sn.assemble(weights, CFG, store, list(levels[0]), list(levels[1]))
     tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 10)).astype(np.int32)
-    got = search.candidate_logits(weights, bank, jnp.asarray(levels[0]), jnp.asarray(levels[1]), tokens, CFG)
+    got = search.candidate_logits(weights, bank, jnp.asarray(levels), tokens, CFG)
     np.testing.assert_allclose(np.asarray(got), np.asarray(llama.forward(small, tokens, small_cfg)), atol=1e-5)
 
 
@@ -138,12 +138,38 @@ def test_search_is_deterministic_budget_exact_and_resumes(setup, tmp_path, monke
     assert hist4[:3] == hist and len(hist4) == 4
 
 
-def test_offspring_are_evaluated_many_per_compiled_call(setup):
+def test_first_change_orders_sublayers_attention_before_mlp():
+    parent = np.full((2, 3), 4)
+    kids = np.stack([parent] * 4)
+    kids[0, 1, 0] = 3                  # MLP 0: sublayer 1
+    kids[1, 0, 2], kids[1, 1, 1] = 5, 5  # attention 2 and MLP 1: sublayer 3
+    kids[2, 0, 0] = 3                  # attention 0: sublayer 0
+    np.testing.assert_array_equal(search.first_change(kids, parent), [1, 3, 0, 6])
+    np.testing.assert_array_equal(search.first_change(jnp.asarray(kids), jnp.asarray(parent)), [1, 3, 0, 6])
+
+
+def _alone(weights, bank, pool, levels, rows):
+    """Mean top-k KL of one level choice run on its own from the embedding."""
+    logits = search.candidate_logits(weights, bank, jnp.asarray(levels), pool.tokens[rows], CFG)
+    return float(search.topk_kl(logits, pool.idx[rows], pool.logp[rows]).sum()) / (len(rows) * (SCFG.seq_len - 1))
+
+
+@pytest.mark.parametrize("num, windows", [(6, 4), (6, 6), (1, 4)], ids=["one group", "pairs", "alone"])
+def test_offspring_share_the_parents_prefix_and_score_as_if_run_alone(setup, num, windows):
+    # Many per compiled call, each group from its first changed sublayer on (calls of 6 candidates × 1
+    # window, 2 × 3, or one candidate × 2): the same fitness as running every candidate alone from the
+    # embedding, whichever parent the prefix is taken from.
     weights, plan, _, bank, pool = setup
-    kids = search.mutate(np.full((2, 3), 4, np.int32), plan, np.random.default_rng(0), 6, 4)
-    fit = search.evaluate(weights, bank, CFG, SCFG, pool, kids, np.arange(4))
-    one_by_one = [search.evaluate(weights, bank, CFG, SCFG, pool, k[None], np.arange(4))[0] for k in kids]
-    np.testing.assert_allclose(fit, one_by_one, rtol=1e-5)
+    parent = np.full((2, 3), 4, np.int32)
+    kids = search.mutate(parent, plan, np.random.default_rng(0), 6, 4)[:num]
+    assert search.call_layout(SCFG, num, windows, 1).group == {6: {4: 6, 6: 2}, 1: {4: 1}}[num][windows]
+    assert num == 1 or len(set(search.first_change(kids, parent).tolist())) > 1
+    rows = np.arange(windows)
+    alone = [_alone(weights, bank, pool, k, rows) for k in kids]
+    for reference in (parent, kids[-1], np.zeros_like(parent)):
+        parent_fit, fit = search.evaluate(weights, bank, CFG, SCFG, pool, reference, kids, rows)
+        np.testing.assert_allclose(fit, alone, rtol=1e-5)
+        assert parent_fit == pytest.approx(_alone(weights, bank, pool, reference, rows), rel=1e-5)
 
 
 def test_fitness_pool_refuses_windows_or_top_k_that_do_not_fit(setup):
@@ -153,3 +179,13 @@ def test_fitness_pool_refuses_windows_or_top_k_that_do_not_fit(setup):
     with pytest.raises(ValueError, match="exceeds the vocabulary"):
         search.FitnessPool(weights, CFG, np.zeros((16, 16), np.int32), dataclasses.replace(SCFG, top_k=100),
                            progress=False)
+
+
+def test_search_settings_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="multiple of seq_len = 16"):
+        dataclasses.replace(SCFG, stage_tokens=(24, 64, 128))
+    with pytest.raises(ValueError, match="smaller than the last stage"):
+        dataclasses.replace(SCFG, pool_sequences=4)
+    # Stages need not fill whole calls: 3 windows with calls of up to 6 (candidate, window) pairs.
+    assert search.call_layout(SCFG, 6, 3, 1) == search.CallLayout("tokens", 3, 2, 6)
+    assert search.call_layout(SCFG, 5, 3, 2) == search.CallLayout("candidates", 3, 2, 8)   # 2 groups of 2 each

@@ -18,7 +18,7 @@ import numpy as np
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig, RopeConfig
 from tyr_jax.pruning import SublayerStats
-from tyr_jax.search import abstract_bank, candidates_kl, pool_topk
+from tyr_jax.search import SearchConfig, abstract_bank, candidates_kl, pool_topk, stage_layouts
 from tyr_jax.sharding import batch_sharding, data_size, logical_sharding, replicated, weight_shardings
 from tyr_jax.supernet import _attn_stats, _mlp_stats, _prune_levels, level_removals, stats_shardings
 
@@ -63,8 +63,7 @@ def pruner_bytes(mesh, d_in: int, d_out: int, unit_size: int, removals: tuple[in
 
 
 def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int = 9, calib_sequences: int = 2048,
-                calib_seq_len: int = 2048, pool_sequences: int = 512, pool_seq_len: int = 512, top_k: int = 8192,
-                calib_batch: int = 8, token_batch: int = 4, candidate_batch: int = 16,
+                calib_seq_len: int = 2048, calib_batch: int = 8, search: SearchConfig = SearchConfig(),
                 compile_steps: bool = False) -> dict[str, dict[str, int | None]]:
     """{item: {"device": bytes on one device, "total": bytes of the whole array(s)}}.
 
@@ -73,8 +72,8 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
     set (`pruner_attn`, `pruner_mlp`, arguments included) and the temporaries of one statistics step
     on a batch of `calib_batch` windows (`stats_call`, the larger of attention and MLP). Search: the weights, the bank of `num_levels`
     dense-shaped copies of every sublayer and the fitness pool's dense top-k (split over `data`); with
-    `compile_steps`, one `candidates_kl` call on token_batch × D windows (`search_call`, temporaries
-    only). `supernet` and `search` sum what one device holds at the peak of each phase."""
+    `compile_steps`, the largest of a generation's three `candidates_kl` call layouts (`search_call`,
+    temporaries only). `supernet` and `search` sum what one device holds at the peak of each phase."""
     weights = llama.abstract_weights(cfg, dtype)
     w_sh = weight_shardings(weights, mesh)
     plan: dict[str, dict[str, int | None]] = {}
@@ -91,8 +90,8 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
     bank = abstract_bank(cfg, num_levels, dtype)
     bank_sh = weight_shardings(bank, mesh)
     add("bank", bank, bank_sh)
-    tokens = jax.ShapeDtypeStruct((pool_sequences, pool_seq_len), jnp.int32)
-    cache = jax.eval_shape(functools.partial(pool_topk, cfg=cfg, k=top_k, batch=1), weights, tokens)
+    tokens = jax.ShapeDtypeStruct((search.pool_sequences, search.seq_len), jnp.int32)
+    cache = jax.eval_shape(functools.partial(pool_topk, cfg=cfg, k=search.top_k, batch=1), weights, tokens)
     cache_sh = (batch_sharding(mesh, 3),) * 2
     add("topk_cache", cache, cache_sh)
     sublayer = "hessian_mlp"
@@ -115,13 +114,19 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
             lowered = step.lower(sub, x, stats, *extra, cfg, stats_shardings(mesh, d_in))
             temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
         plan["stats_call"] = {"device": max(temps), "total": None}
-        batch = token_batch * data_size(mesh)
-        args = (_placed(weights, w_sh), _placed(bank, bank_sh),
-                jax.ShapeDtypeStruct((candidate_batch, 2, cfg.num_layers), jnp.int32, sharding=replicated(mesh)),
-                jax.ShapeDtypeStruct((batch, pool_seq_len), jnp.int32, sharding=batch_sharding(mesh)),
-                *_placed(cache, cache_sh), jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated(mesh)))
-        m = candidates_kl.lower(*args, cfg, candidate_batch, mesh, "tokens").compile().memory_analysis()
-        plan["search_call"] = {"device": m.temp_size_in_bytes, "total": None}
+        levels = (2, cfg.num_layers)
+        temps = []
+        for call in stage_layouts(search, data_size(mesh)):
+            cand = batch_sharding(mesh, 3) if call.over == "candidates" else replicated(mesh)
+            tok = batch_sharding(mesh) if call.over == "tokens" else replicated(mesh)
+            args = (_placed(weights, w_sh), _placed(bank, bank_sh),
+                    jax.ShapeDtypeStruct(levels, jnp.int32, sharding=replicated(mesh)),
+                    jax.ShapeDtypeStruct((call.padded, *levels), jnp.int32, sharding=cand),
+                    jax.ShapeDtypeStruct((call.windows, search.seq_len), jnp.int32, sharding=tok),
+                    *_placed(cache, cache_sh), jax.ShapeDtypeStruct((call.windows,), jnp.int32, sharding=replicated(mesh)))
+            lowered = candidates_kl.lower(*args, cfg, call.group, mesh, call.over)
+            temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
+        plan["search_call"] = {"device": max(temps), "total": None}
 
     def peak(*names):
         return sum(plan[n]["device"] for n in names if n in plan)

@@ -9,8 +9,11 @@ selection, each stage on a fresh random minibatch of the fitness pool:
 
 Fitness: KL(dense ‖ candidate) over the dense model's top-k next-token logits (log-softmax over those k
 for both; mean over tokens; the last position of a window is not scored). The dense top-k of the pool
-is computed once. Candidates are evaluated many per compiled call: each layer gathers its copy from
-stacked levels (`LevelBank`) by the candidate's level index.
+is computed once. Candidates are evaluated many per compiled call: each sublayer gathers its copy from
+stacked levels (`LevelBank`) by the candidate's level index. An offspring differs from its parent in a
+few sublayers, so it is run only from its first changed sublayer on, starting from the parent's
+residual stream there (`candidates_kl`); on Llama-3.1-8B shapes a generation took 0.76 of the time of
+running every candidate in full (BENCHMARKS.md, search speed).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import functools
 import math
 import pathlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +47,8 @@ class SearchConfig:
     top_k: int = 8192
     pool_sequences: int = 512                            # fitness pool (windows of `seq_len`)
     seq_len: int = 512
-    token_batch: int = 4                                 # sequences per compiled call
-    candidate_batch: int = 16                            # candidates vmapped together inside one call
+    token_batch: int = 4                                 # a compiled call holds candidate_batch × token_batch
+    candidate_batch: int = 16                            # (candidate, window) pairs: the memory budget
     max_flips: int = 4
     iterations: int = 4                                  # coarse-to-fine iterations (Δ halves each time)
     seed: int = 0
@@ -53,9 +57,8 @@ class SearchConfig:
         if self.offspring < self.stage_candidates[0] or self.stage_candidates[0] < self.stage_candidates[1]:
             raise ValueError("search needs offspring >= stage_candidates[0] >= stage_candidates[1]")
         for n in self.stage_tokens:
-            if n % (self.seq_len * self.token_batch):
-                raise ValueError(f"stage_tokens {n} must be a multiple of seq_len × token_batch = "
-                                 f"{self.seq_len * self.token_batch}")
+            if n % self.seq_len or n == 0:
+                raise ValueError(f"stage_tokens {n} must be a positive multiple of seq_len = {self.seq_len}")
         if max(self.stage_tokens) > self.pool_sequences * self.seq_len:
             raise ValueError(f"the fitness pool ({self.pool_sequences} × {self.seq_len} tokens) is smaller than "
                              f"the last stage ({max(self.stage_tokens)} tokens)")
@@ -116,24 +119,42 @@ def load_bank(store: SupernetStore, cfg: ModelConfig, num_levels: int, dtype, me
     return LevelBank(**layers)
 
 
-def candidate_logits(weights: llama.Weights, bank: LevelBank, attn_level, mlp_level, tokens_bt, cfg: ModelConfig):
-    """Logits of the model that uses copy attn_level[l] / mlp_level[l] of every sublayer (static shapes)."""
-    k, g, h, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.hidden_size
+def _sublayer(weights: llama.Weights, bank: LevelBank, cfg: ModelConfig, rope, s: int, x, level):
+    """x plus sublayer `s` (2·layer + 0 for attention, + 1 for the MLP) built from its copy `level`."""
+    blk = weights.blocks[s // 2]
+    # The index depends on x (+0), so the copy is gathered when the sublayer runs; else XLA may gather
+    # every layer's copy up front and hold L of them at once (an optimization barrier does not stop
+    # that on CPU).
+    e = level + (0 * x[0, 0, 0]).astype(jnp.int32)
+    if s % 2 == 0:
+        k, g, h, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.hidden_size
+        bias = bank.attn_bias_le[s // 2][e] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
+        attn = dataclasses.replace(blk.attn, o_kghd=bank.o_le[s // 2][e].reshape(k, g, h, d), o_bias_d=bias)
+        return x + llama.attention(attn, x, cfg, rope, kv_mask_k=bank.attn_keep_le[s // 2][e])
+    bias = bank.mlp_bias_le[s // 2][e] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
+    mlp_w = dataclasses.replace(blk.mlp, down_fd=bank.down_le[s // 2][e], down_bias_d=bias)
+    return x + llama.mlp(mlp_w, x, cfg, mask_f=bank.mlp_keep_le[s // 2][e])
+
+
+def _level(levels_2l, s: int):
+    """The copy index of sublayer s in a [2, L] level choice (row 0 attention, row 1 MLP)."""
+    return levels_2l[s % 2, s // 2]
+
+
+def candidate_logits(weights: llama.Weights, bank: LevelBank, levels_2l, tokens_bt, cfg: ModelConfig):
+    """Logits of the model that uses copy levels_2l[0, l] / levels_2l[1, l] of attention / MLP l."""
     rope = llama.rope_tables(cfg, llama.default_positions(tokens_bt))
     x = llama.embed(weights, tokens_bt)
-    for i, blk in enumerate(weights.blocks):
-        # The indices depend on x (+0), so each layer's copies are gathered when that layer runs; else
-        # XLA may gather all layers' copies up front and hold L of them at once (an optimization
-        # barrier does not stop that on CPU).
-        after_x = (0 * x[0, 0, 0]).astype(jnp.int32)
-        a, m = attn_level[i] + after_x, mlp_level[i] + after_x
-        o_bias = bank.attn_bias_le[i][a] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
-        attn = dataclasses.replace(blk.attn, o_kghd=bank.o_le[i][a].reshape(k, g, h, d), o_bias_d=o_bias)
-        x = x + llama.attention(attn, x, cfg, rope, kv_mask_k=bank.attn_keep_le[i][a])
-        down_bias = bank.mlp_bias_le[i][m] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
-        mlp_w = dataclasses.replace(blk.mlp, down_fd=bank.down_le[i][m], down_bias_d=down_bias)
-        x = x + llama.mlp(mlp_w, x, cfg, mask_f=bank.mlp_keep_le[i][m])
+    for s in range(2 * cfg.num_layers):
+        x = _sublayer(weights, bank, cfg, rope, s, x, _level(levels_2l, s))
     return llama.unembed(weights, x, cfg)
+
+
+def first_change(levels_c2l, parent_2l):
+    """Per candidate [C, 2, L], the first sublayer (2·layer + kind) whose copy is not the parent's; 2L
+    if none. Works on NumPy and JAX arrays."""
+    changed = (levels_c2l != parent_2l).transpose(0, 2, 1).reshape(len(levels_c2l), -1)
+    return changed.argmax(axis=1).astype("int32") + (~changed.any(axis=1)).astype("int32") * changed.shape[1]
 
 
 def dense_topk(weights, tokens_bt, cfg: ModelConfig, k: int):
@@ -168,33 +189,58 @@ def topk_kl(logits_btv, idx_btk, logp_btk):
     return jnp.sum(jnp.exp(logp_btk) * (logp_btk - logq), axis=(1, 2))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "candidate_batch", "mesh", "over"))
-def candidates_kl(weights, bank, levels_c2l, tokens_bt, idx_ntk, logp_ntk, rows_b, cfg, candidate_batch,
+@functools.partial(jax.jit, static_argnames=("cfg", "group", "mesh", "over"))
+def candidates_kl(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_ntk, logp_ntk, rows_b, cfg, group,
                   mesh=None, over="tokens"):
-    """Per-sequence top-k KL of C candidates [C, 2, L] on the pool windows `rows_b`: [C, B].
+    """Per-sequence top-k KL on the pool windows `rows_b` of the parent [2, L] and of C candidates
+    [C, 2, L]: ([B], [C, B]).
+
+    Shared prefix: a candidate equals the parent up to its first changed sublayer. The parent runs once
+    (its own KL comes with it), leaving its residual stream where each group of `group` candidates
+    (consecutive, vmapped together) first changes; the group runs on from there. Candidates sorted by
+    `first_change` make groups that share most; C must be a multiple of `group` (per device).
 
     The dense top-k rows are gathered from the pool's cache, which stays split over `data`: each device
     picks the requested rows it holds and one all-reduce of the B picked rows (B × T × k, never the whole
     cache) assembles them (XLA's partitioning of the gather, read off the compiled program). With a
     mesh, `over` says what the `data` devices split: the token batch (every device evaluates all
     candidates on B/D windows) or the candidates (each device its C/D on all B windows); either way the
-    evaluation itself needs no collective. On each device candidates are vmapped `candidate_batch` at a
-    time.
+    evaluation itself needs no collective.
     """
     idx_btk, logp_btk = jnp.take(idx_ntk, rows_b, axis=0), jnp.take(logp_ntk, rows_b, axis=0)
+    num_sublayers = 2 * cfg.num_layers
 
-    def local(weights, bank, levels, tokens, idx, logp):
-        def one(lv):
-            return topk_kl(candidate_logits(weights, bank, lv[0], lv[1], tokens, cfg), idx, logp)
+    def local(weights, bank, parent, levels, tokens, idx, logp):
+        rope = llama.rope_tables(cfg, llama.default_positions(tokens))
+        groups = levels.reshape(-1, group, *levels.shape[1:])
+        starts = first_change(levels, parent).reshape(len(groups), group).min(axis=1)
+        x = llama.embed(weights, tokens)
+        entry = jnp.zeros((len(groups), *x.shape), x.dtype)      # the parent's stream where each group starts
+        for s in range(num_sublayers + 1):
+            entry = jnp.where((starts == s)[:, None, None, None], x, entry)
+            if s < num_sublayers:
+                x = _sublayer(weights, bank, cfg, rope, s, x, _level(parent, s))
+        parent_kl = topk_kl(llama.unembed(weights, x, cfg), idx, logp)
 
-        return jax.lax.map(one, levels, batch_size=candidate_batch)
+        def candidate_kl(levels_2l, start, x):
+            """One candidate's KL, run from the parent's stream x at sublayer `start` on."""
+            for s in range(num_sublayers):
+                run = functools.partial(_sublayer, weights, bank, cfg, rope, s, level=_level(levels_2l, s))
+                x = jax.lax.cond(s >= start, run, lambda y: y, x)
+            return topk_kl(llama.unembed(weights, x, cfg), idx, logp)
+
+        def group_kl(args):
+            group_levels, start, x = args
+            return jax.vmap(candidate_kl, in_axes=(0, None, None))(group_levels, start, x)
+
+        return parent_kl, jax.lax.map(group_kl, (groups, starts, entry)).reshape(len(levels), -1)
 
     if mesh is None:
-        return local(weights, bank, levels_c2l, tokens_bt, idx_btk, logp_btk)
+        return local(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_btk, logp_btk)
     cand, tok = (P("data"), P()) if over == "candidates" else (P(), P("data"))
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), cand, tok, tok, tok),
-                         out_specs=P("data", None) if over == "candidates" else P(None, "data"),
-                         axis_names={"data"})(weights, bank, levels_c2l, tokens_bt, idx_btk, logp_btk)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), cand, tok, tok, tok),
+                         out_specs=(P(), P("data", None)) if over == "candidates" else (P("data"), P(None, "data")),
+                         axis_names={"data"})(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_btk, logp_btk)
 
 
 # -- mutation ------------------------------------------------------------------------------------
@@ -265,21 +311,55 @@ class FitnessPool:
         self.idx, self.logp = pool_topk(weights, tokens_nt, cfg, scfg.top_k, scfg.token_batch, mesh)
 
 
-def evaluate(weights, bank, cfg, scfg: SearchConfig, pool: FitnessPool, candidates: np.ndarray,
-             sequences: np.ndarray) -> np.ndarray:
-    """Mean top-k KL of each candidate [C, 2, L] on the pool windows `sequences`.
+class CallLayout(NamedTuple):
+    over: str        # what the `data` devices split: "tokens" or "candidates"
+    windows: int     # windows per call (all devices)
+    group: int       # candidates vmapped together
+    padded: int      # candidates after padding to whole groups on every device
 
-    On a mesh with D `data` devices, calls take token_batch × D windows split over `data` when the
-    windows divide so; otherwise the candidates are split (padded to a multiple of D with copies of the
-    first, whose scores are dropped). Per-window KLs are summed on the host in window order, so the
-    result does not depend on the split."""
+
+def call_layout(scfg: SearchConfig, num_candidates: int, num_windows: int, devices: int) -> CallLayout:
+    """How `evaluate` cuts C candidates × N windows into compiled calls on D `data` devices.
+
+    A call holds candidate_batch × token_batch (candidate, window) pairs per device: as many windows as
+    divide the stage's, the rest filled with candidates vmapped together (a group runs from the first
+    change of its earliest member, so the fewer candidates a group holds, the less work). Groups hold two
+    candidates at least where there are two: with one, XLA keeps an activation per sublayer (measured
+    with `memory.memory_plan`: 0.5 GB more per 70B layer). The windows are split over `data` when D divides
+    them; otherwise the candidates are."""
+    over = "tokens" if num_windows % devices == 0 else "candidates"
+    per_device = num_candidates if over == "tokens" else -(-num_candidates // devices)
+    per_call = scfg.candidate_batch * scfg.token_batch
+    least = min(2, per_device, per_call)
+    windows = math.gcd(num_windows // devices if over == "tokens" else num_windows, per_call // least)
+    group = min(per_call // windows, per_device)
+    padded = -(-per_device // group) * group * (devices if over == "candidates" else 1)
+    return CallLayout(over, windows * (devices if over == "tokens" else 1), group, padded)
+
+
+def stage_layouts(scfg: SearchConfig, devices: int) -> list[CallLayout]:
+    """The call layouts of a generation's three stages."""
+    stages = zip((scfg.offspring, *scfg.stage_candidates), scfg.stage_tokens)
+    return [call_layout(scfg, c, n // scfg.seq_len, devices) for c, n in stages]
+
+
+def evaluate(weights, bank, cfg, scfg: SearchConfig, pool: FitnessPool, parent: np.ndarray, candidates: np.ndarray,
+             sequences: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean top-k KL on the pool windows `sequences` of `parent` [2, L] and of each candidate [C, 2, L]
+    (mutated from the parent, whose prefix they share; any parent gives the same candidates' KL).
+
+    Calls as `call_layout`; the candidates sorted by `first_change` (so a group shares most) and padded
+    with copies of the parent (which cost only the lm_head); when the candidates are split over `data`,
+    dealt out in turn so that every device gets early and late changes alike. Per-window KLs are summed
+    on the host in window order, so the result does not depend on the split."""
     mesh, num = pool.mesh, len(candidates)
     d = data_size(mesh)
-    over = "tokens" if len(sequences) % (scfg.token_batch * d) == 0 else "candidates"
-    b, local = scfg.token_batch * d, num                      # windows per call, candidates per device
+    over, b, group, total = call_layout(scfg, num, len(sequences), d)
+    order = np.argsort(np.asarray(first_change(candidates, parent)), kind="stable")
+    order = np.concatenate([order, np.full(total - num, -1)])        # -1: a copy of the parent
     if over == "candidates":
-        candidates = np.concatenate([candidates, np.repeat(candidates[:1], -num % d, axis=0)])
-        b, local = scfg.token_batch, len(candidates) // d
+        order = order.reshape(-1, d).T.reshape(-1)                    # device j: sorted j, j + D, ...
+    levels = np.where((order < 0)[:, None, None], parent, candidates[np.maximum(order, 0)]).astype(np.int32)
 
     def put(a, split: bool):
         """On the mesh: split over `data` along the first axis, or on every device."""
@@ -287,14 +367,17 @@ def evaluate(weights, bank, cfg, scfg: SearchConfig, pool: FitnessPool, candidat
             return jnp.asarray(a)
         return jax.device_put(a, batch_sharding(mesh, a.ndim) if split else replicated(mesh))
 
-    levels = put(np.asarray(candidates, np.int32), over == "candidates")
-    kl = np.zeros((len(candidates), len(sequences)))
+    levels, parent_2l = put(levels, over == "candidates"), put(np.asarray(parent, np.int32), False)
+    parent_kl, kl = np.zeros(len(sequences)), np.zeros((total, len(sequences)))
     for s in range(0, len(sequences), b):
         rows = np.asarray(sequences[s: s + b], np.int32)
-        out = candidates_kl(weights, bank, levels, put(pool.tokens[rows], over == "tokens"), pool.idx, pool.logp,
-                            put(rows, False), cfg, min(scfg.candidate_batch, local), mesh, over)
-        kl[:, s: s + b] = to_host(out)
-    return kl[:num].sum(axis=1) / (len(sequences) * (scfg.seq_len - 1))
+        out = candidates_kl(weights, bank, parent_2l, levels, put(pool.tokens[rows], over == "tokens"), pool.idx,
+                            pool.logp, put(rows, False), cfg, group, mesh, over)
+        parent_kl[s: s + b], kl[:, s: s + b] = map(to_host, out)
+    fit = np.zeros(num)
+    fit[order[order >= 0]] = kl[order >= 0].sum(axis=1)
+    scored = len(sequences) * (scfg.seq_len - 1)
+    return float(parent_kl.sum()) / scored, fit / scored
 
 
 def generation_step(weights, bank, cfg, scfg: SearchConfig, plan: LevelPlan, pool: FitnessPool,
@@ -304,12 +387,14 @@ def generation_step(weights, bank, cfg, scfg: SearchConfig, plan: LevelPlan, poo
     survivors = offspring
     n1, n2, n3 = (n // scfg.seq_len for n in scfg.stage_tokens)
     for keep, n in ((scfg.stage_candidates[0], n1), (scfg.stage_candidates[1], n2)):
-        fit = evaluate(weights, bank, cfg, scfg, pool, survivors, rng.choice(len(pool.tokens), n, replace=False))
+        _, fit = evaluate(weights, bank, cfg, scfg, pool, parent, survivors,
+                          rng.choice(len(pool.tokens), n, replace=False))
         survivors = survivors[np.argsort(fit, kind="stable")[:keep]]
-    final = np.concatenate([parent[None], survivors])
-    fit = evaluate(weights, bank, cfg, scfg, pool, final, rng.choice(len(pool.tokens), n3, replace=False))
-    best = int(np.argmin(fit))   # ties keep the parent (index 0)
-    return final[best], float(fit[best])
+    parent_fit, fit = evaluate(weights, bank, cfg, scfg, pool, parent, survivors,
+                               rng.choice(len(pool.tokens), n3, replace=False))
+    if fit.min() < parent_fit:   # ties keep the parent
+        return survivors[int(np.argmin(fit))], float(fit.min())
+    return parent, parent_fit
 
 
 def run_search(weights, cfg: ModelConfig, plan: LevelPlan, bank: LevelBank, pool: FitnessPool,

@@ -1,12 +1,16 @@
-"""Supernet speed on Llama-3.1-8B shapes (random bf16 weights, random calibration tokens), one device.
+"""Supernet speed on Llama-3.1-8B or -70B shapes (random bf16 weights, random calibration tokens), one device.
 
-Times (a) all levels of one `down_proj` (14336 input channels) and (b) one `o_proj` with the Týr
-pruner, from Hessians of the given size, and (c) one whole block of `build_supernet` (Hessians over
-`--tokens` calibration tokens, 9 levels of attention and MLP, expectation propagation, Orbax writes).
-With fewer than 4M tokens, the token-proportional work (statistics, propagation) is extrapolated
+Times (a) all levels of one `down_proj` and (b) one `o_proj` with the Týr pruner, from Hessians of the
+given size, and (c) one whole block of `build_supernet` (Hessians over `--tokens` calibration tokens, 9
+levels of attention and MLP, expectation propagation, Orbax writes), extrapolated to the whole model's
+blocks. With fewer than 4M tokens, the token-proportional work (statistics, propagation) is extrapolated
 linearly to 4M; the pruners and the Orbax writes do not depend on the token count.
 
     python scripts/bench_supernet.py --tokens 4194304 --json $OUT/supernet.json
+    python scripts/bench_supernet.py --shapes 70b --tokens 2097152 --mlp-round-sizes "" --json $OUT/supernet70b.json
+
+(On one 141 GB device a 70B block's 4M-token activations, 69 GB, and its `down_proj` pruner leave too
+little room: the second command measures 2M tokens.)
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_forward import LLAMA31_8B, created_sharded, matmul_ceiling
+from tyr_jax.memory import LLAMA31_70B
 from tyr_jax.models import llama
 from tyr_jax.pruning import SublayerStats, get_pruner
 from tyr_jax.supernet import LevelPlan, SupernetConfig, SupernetStore, build_supernet, fingerprint
+
+SHAPES = {"8b": LLAMA31_8B, "70b": LLAMA31_70B}
 
 
 def time_pruner(d_in, d_out, unit, removals, round_size, *, key):
@@ -71,23 +78,25 @@ def time_block(cfg, scfg, tokens: int, seq_len: int, batch: int, mesh=None) -> d
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="8b", help="Llama-3.1 model shapes")
     parser.add_argument("--tokens", type=int, default=1 << 20, help="calibration tokens for the block run")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--mlp-round-sizes", default="16,896", help="channels per round to time for down_proj")
+    parser.add_argument("--mlp-round-sizes", default="16,896",
+                        help="channels per round to time for down_proj alone (\"\": none)")
     parser.add_argument("--block-mlp-round-size", type=int, default=16)
     parser.add_argument("--skip-block", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    cfg = LLAMA31_8B
-    results = {"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+    cfg = SHAPES[args.shapes]
+    results = {"shapes": args.shapes, "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
                "matmul_ceiling_tflops": matmul_ceiling()}
     scfg = SupernetConfig(mlp_round_size=args.block_mlp_round_size)
     plan = LevelPlan.centred(cfg, scfg)
     d, f = cfg.hidden_size, cfg.intermediate_size
     key = jax.random.key(0)
-    for rs in map(int, args.mlp_round_sizes.split(",")):
+    for rs in [int(r) for r in args.mlp_round_sizes.split(",") if r]:
         results[f"down_proj_round{rs}"] = r = time_pruner(f, d, 1, plan.mlp[0], rs, key=key)
         print(f"down_proj 9 levels, {rs} channels/round ({r['rounds']} rounds): {r['seconds']:.2f} s")
     g_h = cfg.q_per_kv * cfg.head_dim
@@ -110,10 +119,11 @@ def main():
         results["block"] = {"tokens": args.tokens, "first_call_s": first, "seconds": block_s,
                             "pruners_s": prune_s, "orbax_save_s": save_s, "token_bound_s": token_s,
                             "per_block_at_4M_tokens_s": per_block_4m,
-                            "model_32_blocks_at_4M_tokens_min": 32 * per_block_4m / 60,
+                            "model_blocks": cfg.num_layers,
+                            "model_at_4M_tokens_min": cfg.num_layers * per_block_4m / 60,
                             "floor_per_block_at_4M_s": floor_s}
         print(f"one block on {args.tokens} tokens: {block_s:.1f} s (pruners {prune_s:.1f} s); at 4M tokens "
-              f"{per_block_4m:.1f} s/block, {32 * per_block_4m / 60:.1f} min for 32 blocks; "
+              f"{per_block_4m:.1f} s/block, {cfg.num_layers * per_block_4m / 60:.1f} min for {cfg.num_layers} blocks; "
               f"FLOP floor {floor_s:.1f} s/block")
     stats = jax.devices()[0].memory_stats() or {}
     results["peak_device_bytes"] = stats.get("peak_bytes_in_use")

@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import numpy as np
+import pytest
 
 from tyr_jax.cli import main
 from tyr_jax.loading import load_model
@@ -46,16 +47,57 @@ mesh: {{data: 2, model: 2}}
     assert json.loads((out / "summary.json").read_text())["per_layer"] == summary["per_layer"]
 
 
-def test_cached_result_is_reused_when_the_key_holds_tuples(tmp_path):
-    # Config dicts hold tuples (eval.tasks) that read back from JSON as lists; the cache must still hit.
-    from tyr_jax.pipeline import _cached_json
+def test_a_killed_evaluation_resumes_with_the_parts_not_yet_done(tmp_path, monkeypatch):
+    # Perplexity and every zero-shot task are saved as they finish: a run killed in its second task keeps
+    # the perplexity and the first task, and the re-run computes only the rest. The key holds tuples
+    # (eval.tasks) that read back from JSON as lists; the saved parts must still be found.
+    import jax
 
+    from tyr_jax import pipeline
+    from tyr_jax.runconfig import EvalConfig, RunConfig
+    from tyr_jax.sharding import make_mesh
+
+    mesh = make_mesh(1, 1, jax.devices()[:1])
+    rc = RunConfig(eval=EvalConfig(tasks=("piqa", "arc_easy", "boolq")))
     calls = []
-    key = {"eval": {"tasks": ("piqa", "arc_easy")}}
-    for _ in range(2):
-        assert _cached_json(tmp_path / "dense.json", key, lambda: calls.append(1) or {"ppl": 1.5}) == {"ppl": 1.5}
-    assert len(calls) == 1
-    assert _cached_json(tmp_path / "dense.json", {"eval": {"tasks": ("piqa",)}}, lambda: {"ppl": 2.0}) == {"ppl": 2.0}
+
+    def fake_perplexity(*args, **kwargs):
+        calls.append("ppl")
+        return {"ppl": 12.5, "tokens_scored": 10, "seq_len": 4}
+
+    def fake_zeroshot(fn, tokenizer, tasks, **kwargs):
+        (task,) = tasks
+        calls.append(task)
+        if task == "arc_easy" and calls.count(task) == 1:
+            raise KeyboardInterrupt  # the kill
+        return {task: {"acc_norm": len(task) / 10}}
+
+    monkeypatch.setattr(pipeline, "perplexity", fake_perplexity)
+    monkeypatch.setattr(pipeline.zeroshot, "evaluate", fake_zeroshot)
+    path, key = tmp_path / "eval.json", {"eval": pipeline.to_dict(rc.eval)}
+    evaluate = lambda: pipeline._evaluate(None, None, None, rc, None, False, mesh, path, key)  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        evaluate()
+    assert calls == ["ppl", "piqa", "arc_easy"]
+    result = evaluate()
+    assert calls[3:] == ["arc_easy", "boolq"]
+    assert result == {"ppl": 12.5, "tokens_scored": 10, "seq_len": 4,
+                      "zeroshot": {"piqa": 0.4, "arc_easy": 0.8, "boolq": 0.5}}
+    assert evaluate() == result and len(calls) == 5          # finished: read back, nothing recomputed
+    other = {"eval": pipeline.to_dict(EvalConfig(tasks=("piqa",)))}
+    pipeline._evaluate(None, None, None, rc, None, False, mesh, path, other)
+    assert calls[5] == "ppl"                                 # another key: computed anew
+
+
+def test_weights_digest_tells_apart_values_shapes_and_dtypes():
+    from tyr_jax.pipeline import weights_sha256
+
+    a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    digest = weights_sha256(a)
+    assert weights_sha256({"w": a["w"].copy()}) == digest
+    assert weights_sha256({"w": a["w"] + 1}) != digest
+    assert weights_sha256({"w": a["w"].reshape(3, 2)}) != digest
+    assert weights_sha256({"w": a["w"].view(np.int32)}) != digest
 
 
 def test_compare_methods_runs_each_method_and_tabulates_them(tiny_hf_dir, tmp_path):

@@ -4,6 +4,7 @@ search, a baseline's centre copies, or policy-gradient masks), export, evaluatio
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import time
@@ -105,19 +106,38 @@ def prunable_params(weights) -> int:
     return total
 
 
-def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, mesh) -> dict:
+def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, mesh, path: pathlib.Path,
+              key: dict) -> dict:
     """Perplexity and zero-shot accuracy of weights placed on `mesh` (batches split over `data` where
-    they divide)."""
-    split = rc.eval.batch_size % data_size(mesh) == 0
-    stats = perplexity(weights, cfg, windows, batch_size=rc.eval.batch_size, progress=progress,
-                       data_sharding=batch_sharding(mesh) if split else replicated(mesh))
-    result = {"ppl": stats["ppl"], "tokens_scored": stats["tokens_scored"], "seq_len": stats["seq_len"]}
+    they divide). Each part (perplexity, then every task) is saved to `path` under `key` as it finishes,
+    so a re-run skips the parts already done: a killed evaluation resumes, a finished one is read back."""
+    result = load_keyed(path, key) or {}
+    if "ppl" not in result:
+        split = rc.eval.batch_size % data_size(mesh) == 0
+        stats = perplexity(weights, cfg, windows, batch_size=rc.eval.batch_size, progress=progress,
+                           data_sharding=batch_sharding(mesh) if split else replicated(mesh))
+        result.update(ppl=stats["ppl"], tokens_scored=stats["tokens_scored"], seq_len=stats["seq_len"])
+        save_keyed(path, key, result)
     if rc.eval.tasks:
         logprobs = jax.jit(lambda w, tok, tgt: llama.token_logprobs(w, tok, tgt, cfg))
-        scores = zeroshot.evaluate(lambda tok, tgt: to_host(logprobs(weights, tok, tgt)), tokenizer, rc.eval.tasks,
-                                   limit=rc.eval.limit, batch_size=rc.eval.batch_size, progress=progress)
-        result["zeroshot"] = {task: s["acc_norm"] for task, s in scores.items()}
+        score = lambda tok, tgt: to_host(logprobs(weights, tok, tgt))  # noqa: E731
+        done = result.setdefault("zeroshot", {})
+        for task in (t for t in rc.eval.tasks if t not in done):
+            scores = zeroshot.evaluate(score, tokenizer, [task], limit=rc.eval.limit, batch_size=rc.eval.batch_size,
+                                       progress=progress)
+            done[task] = scores[task]["acc_norm"]
+            save_keyed(path, key, result)
     return result
+
+
+def weights_sha256(tree) -> str:
+    """Digest of a pytree of host arrays (shapes, dtypes and bytes): the key of a saved evaluation."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(leaf)
+        digest.update(f"{a.shape}{a.dtype.str}".encode())
+        digest.update(a.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
 
 
 def load_keyed(path: pathlib.Path, key: dict):
@@ -135,15 +155,6 @@ def save_keyed(path: pathlib.Path, key: dict, value) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
         tmp.replace(path)
-
-
-def _cached_json(path: pathlib.Path, key: dict, compute):
-    """compute() once per `key`: a re-run (resume) reuses the saved result."""
-    value = load_keyed(path, key)
-    if value is None:
-        value = compute()
-        save_keyed(path, key, value)
-    return value
 
 
 def _supernet_and_search(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: pathlib.Path,
@@ -215,9 +226,10 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
               if is_primary() else None)
     windows = eval_windows(model.tokenizer, rc)
     eval_key = {"model": rc.model, "dtype": rc.dtype, "eval": to_dict(rc.eval)}
-    dense = _cached_json(out / "dense_eval.json", eval_key,
-                         lambda: _evaluate(model.weights, cfg, model.tokenizer, rc, windows, progress, mesh))
-    pruned = _evaluate(weights, pruned_cfg, model.tokenizer, rc, windows, progress, mesh)
+    dense = _evaluate(model.weights, cfg, model.tokenizer, rc, windows, progress, mesh, out / "dense_eval.json",
+                      eval_key)
+    pruned = _evaluate(weights, pruned_cfg, model.tokenizer, rc, windows, progress, mesh, out / "pruned_eval.json",
+                       eval_key | {"weights_sha256": weights_sha256(host_weights)})
     per_layer = [{"layer": i, "kv_groups_kept": int(pruned_cfg.layer_kv_groups(i)),
                   "mlp_channels_kept": int(pruned_cfg.layer_mlp_width(i))} for i in range(cfg.num_layers)]
     summary = {

@@ -3,10 +3,10 @@
 A comparison is the same command with one line changed (`method=`), so every run gets the same
 calibration text, budget and evaluation. Runs go to OUT/<config stem>-<method>, at most `--jobs` at a
 time (on one GPU: memory grows per process as needed instead of being preallocated). They share one
-dense evaluation: the first `dense_eval.json` written (it grows part by part: perplexity, then each task)
-is copied into the run directories that have none yet; each run still checks its key (model, dtype, eval
-settings), computes the parts it lacks and recomputes a mismatched one. A run directory that already
-holds `summary.json` is skipped; an unfinished one resumes, its evaluation too (`pruned_eval.json`).
+dense evaluation: the first finished `dense_eval.json` (a run writes it part by part: perplexity, then
+each task) is copied into the run directories that have none yet; each run still checks its key (model,
+dtype, eval settings) and recomputes a mismatched one. A run directory that already holds `summary.json`
+is skipped; an unfinished one resumes, its evaluation too (`pruned_eval.json`).
 
     python scripts/compare_methods.py --out runs/compare --jobs 4 --set search.generations=12 \\
         configs/smollm2-50.yaml:tyr configs/smollm2-50.yaml:flap configs/smollm2-pg-50.yaml
@@ -47,9 +47,19 @@ def plan_runs(specs: list[str], out: pathlib.Path, overrides: list[str]) -> list
     return runs
 
 
+def finished_eval(path: pathlib.Path) -> bool:
+    """Whether the evaluation saved at `path` holds every part its key asks for (perplexity, each task):
+    a run writes it part by part."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return "ppl" in saved["value"] and set(saved["key"]["eval"]["tasks"]) <= set(saved["value"].get("zeroshot", {}))
+
+
 def share_dense_eval(runs: list[dict]) -> None:
-    """Copies the first dense evaluation written (possibly partial) into run directories that have none."""
-    done = [r["dir"] / "dense_eval.json" for r in runs if (r["dir"] / "dense_eval.json").exists()]
+    """Copies the first finished dense evaluation into run directories that have none."""
+    done = [r["dir"] / "dense_eval.json" for r in runs if finished_eval(r["dir"] / "dense_eval.json")]
     if not done:
         return
     for r in runs:

@@ -100,6 +100,30 @@ def test_weights_digest_tells_apart_values_shapes_and_dtypes():
     assert weights_sha256({"w": a["w"].view(np.int32)}) != digest
 
 
+def test_compare_methods_shares_only_a_finished_dense_evaluation(tmp_path):
+    # A run writes dense_eval.json part by part; a partial one copied to the other runs would make each of
+    # them compute the missing tasks again.
+    import importlib.util
+
+    from tyr_jax.pipeline import save_keyed
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_methods", pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    runs, key = [{"dir": first}, {"dir": second}], {"eval": {"tasks": ("piqa", "boolq")}}
+    save_keyed(first / "dense_eval.json", key, {"ppl": 3.0, "zeroshot": {"piqa": 0.5}})
+    compare.share_dense_eval(runs)
+    assert not (second / "dense_eval.json").exists()
+    save_keyed(first / "dense_eval.json", key, {"ppl": 3.0, "zeroshot": {"piqa": 0.5, "boolq": 0.6}})
+    compare.share_dense_eval(runs)
+    assert (second / "dense_eval.json").read_text() == (first / "dense_eval.json").read_text()
+    save_keyed(first / "no_tasks.json", {"eval": {"tasks": ()}}, {"ppl": 3.0})
+    assert compare.finished_eval(first / "no_tasks.json") and not compare.finished_eval(first / "missing.json")
+
+
 def test_compare_methods_runs_each_method_and_tabulates_them(tiny_hf_dir, tmp_path):
     """scripts/compare_methods.py: one run per method, one dense evaluation shared, one table."""
     import subprocess

@@ -9,8 +9,8 @@ linearly to 4M; the pruners and the Orbax writes do not depend on the token coun
     python scripts/bench_supernet.py --tokens 4194304 --json $OUT/supernet.json
     python scripts/bench_supernet.py --shapes 70b --tokens 2097152 --mlp-round-sizes "" --json $OUT/supernet70b.json
 
-(On one 141 GB device a 70B block's 4M-token activations, 69 GB, and its `down_proj` pruner leave too
-little room: the second command measures 2M tokens.)
+(The 70B command measures 2M tokens: for 4M on one 141 GB device the CPU memory plan, an upper bound,
+left too little room. Its measured peak on an H200, 65.9 GB at 2M tokens, puts 4M at about 100 GB.)
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def main():
     args = parser.parse_args()
 
     cfg = SHAPES[args.shapes]
-    results = {"shapes": args.shapes, "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-               "matmul_ceiling_tflops": matmul_ceiling()}
+    results = {"shapes": args.shapes, "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"),
+               "jax": jax.__version__, "matmul_ceiling_tflops": matmul_ceiling()}
     scfg = SupernetConfig(mlp_round_size=args.block_mlp_round_size)
     plan = LevelPlan.centred(cfg, scfg)
     d, f = cfg.hidden_size, cfg.intermediate_size
@@ -123,7 +123,8 @@ def main():
                             "model_at_4M_tokens_min": cfg.num_layers * per_block_4m / 60,
                             "floor_per_block_at_4M_s": floor_s}
         print(f"one block on {args.tokens} tokens: {block_s:.1f} s (pruners {prune_s:.1f} s); at 4M tokens "
-              f"{per_block_4m:.1f} s/block, {cfg.num_layers * per_block_4m / 60:.1f} min for {cfg.num_layers} blocks; "
+              f"{per_block_4m:.1f} s/block, {cfg.num_layers * per_block_4m / 60:.1f} min for "
+              f"{cfg.num_layers} blocks; "
               f"FLOP floor {floor_s:.1f} s/block")
     stats = jax.devices()[0].memory_stats() or {}
     results["peak_device_bytes"] = stats.get("peak_bytes_in_use")

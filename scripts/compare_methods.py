@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from tyr_jax.pipeline import evaluation_finished
 from tyr_jax.runconfig import load_run_config
 
 
@@ -47,19 +48,9 @@ def plan_runs(specs: list[str], out: pathlib.Path, overrides: list[str]) -> list
     return runs
 
 
-def finished_eval(path: pathlib.Path) -> bool:
-    """Whether the evaluation saved at `path` holds every part its key asks for (perplexity, each task):
-    a run writes it part by part."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return "ppl" in saved["value"] and set(saved["key"]["eval"]["tasks"]) <= set(saved["value"].get("zeroshot", {}))
-
-
 def share_dense_eval(runs: list[dict]) -> None:
     """Copies the first finished dense evaluation into run directories that have none."""
-    done = [r["dir"] / "dense_eval.json" for r in runs if finished_eval(r["dir"] / "dense_eval.json")]
+    done = [r["dir"] / "dense_eval.json" for r in runs if evaluation_finished(r["dir"] / "dense_eval.json")]
     if not done:
         return
     for r in runs:

@@ -105,7 +105,7 @@ def test_compare_methods_shares_only_a_finished_dense_evaluation(tmp_path):
     # them compute the missing tasks again.
     import importlib.util
 
-    from tyr_jax.pipeline import save_keyed
+    from tyr_jax.pipeline import evaluation_finished, save_keyed
 
     spec = importlib.util.spec_from_file_location(
         "compare_methods", pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py")
@@ -121,7 +121,7 @@ def test_compare_methods_shares_only_a_finished_dense_evaluation(tmp_path):
     compare.share_dense_eval(runs)
     assert (second / "dense_eval.json").read_text() == (first / "dense_eval.json").read_text()
     save_keyed(first / "no_tasks.json", {"eval": {"tasks": ()}}, {"ppl": 3.0})
-    assert compare.finished_eval(first / "no_tasks.json") and not compare.finished_eval(first / "missing.json")
+    assert evaluation_finished(first / "no_tasks.json") and not evaluation_finished(first / "missing.json")
 
 
 def test_compare_methods_runs_each_method_and_tabulates_them(tiny_hf_dir, tmp_path):

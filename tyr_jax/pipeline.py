@@ -130,6 +130,16 @@ def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, m
     return result
 
 
+def evaluation_finished(path: pathlib.Path) -> bool:
+    """Whether the evaluation `_evaluate` saved at `path` holds every part its key asks for (perplexity,
+    each task); it is written part by part, so a file may hold only some."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return "ppl" in saved["value"] and set(saved["key"]["eval"]["tasks"]) <= set(saved["value"].get("zeroshot", {}))
+
+
 def weights_sha256(tree) -> str:
     """Digest of a pytree of host arrays (shapes, dtypes and bytes): the key of a saved evaluation."""
     digest = hashlib.sha256()

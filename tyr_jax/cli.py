@@ -137,8 +137,15 @@ def cmd_prune(args):
     rc = _run_config(args)
     s = run_prune(rc, progress=is_primary())
     p = s["params"]
-    print(f"{rc.method}: {p['prunable_pruned'] / p['prunable_dense']:.1%} of the prunable parameters kept; "
-          f"perplexity {s['ppl']['dense']:.3f} → {s['ppl']['pruned']:.3f} on {s['ppl']['text']}")
+    if rc.method == "pbs2p":
+        bits, e = s["export"]["bits_per_weight"], s["export"]
+        print(f"pbs2p ({rc.pbs2p.variant}): {bits['file']:.3f} bits per compressed weight in the file "
+              f"({bits['paper_convention']:.2f} as the papers count), {e['file_bytes'] / 2**20:.1f} MiB against "
+              f"{e['dense_file_bytes'] / 2**20:.1f} MiB dense; "
+              f"perplexity {s['ppl']['dense']:.3f} → {s['ppl']['pruned']:.3f} on {s['ppl']['text']}")
+    else:
+        print(f"{rc.method}: {p['prunable_pruned'] / p['prunable_dense']:.1%} of the prunable parameters kept; "
+              f"perplexity {s['ppl']['dense']:.3f} → {s['ppl']['pruned']:.3f} on {s['ppl']['text']}")
     for task, acc in s["zeroshot"]["pruned"].items():
         print(f"{task:>14}: acc_norm {s['zeroshot']['dense'][task]:.4f} → {acc:.4f}")
     print(f"wrote {rc.out}/model, {rc.out}/summary.json")

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tyr_jax import plots, search
+from tyr_jax import binarization, plots, search
+from tyr_jax.binarization.packed import export_binary
 from tyr_jax.data import corpora, sampler
 from tyr_jax.distributed import is_primary
 from tyr_jax.evaluation import zeroshot
@@ -211,6 +212,20 @@ def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh,
                                  mesh=mesh, progress=progress)
 
 
+def _pbs2p(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: pathlib.Path, progress: bool):
+    """Every linear binarized with N:M sparsity (ALGORITHMS.md §3; resumable under OUT/pbs2p).
+    Returns (weights with the binary reconstructions, config, report, (packed blocks, export meta))."""
+    pcfg = rc.pbs2p
+    store = binarization.Pbs2pStore(out / "pbs2p", binarization.compress.fingerprint(
+        model.cfg, pcfg, calib, rc.model, model.weights.embed_vd.dtype))
+    weights, packed_layers, ns = binarization.compress_model(
+        model.weights, model.cfg, calib, pcfg, store, batch_size=rc.calibration.batch_size, progress=progress,
+        mesh=mesh)
+    meta = {"variant": pcfg.variant, "m": pcfg.m, "block_size": pcfg.block_size, "n_per_layer": ns}
+    kept = float(np.mean(ns)) / pcfg.m
+    return weights, model.cfg, meta | {"kept_fraction": kept}, (packed_layers, meta)
+
+
 def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     """Calibration → pruning (`rc.method`) → export → evaluation on the mesh of `rc.mesh`; resumable.
     With several processes every one runs this; process 0 writes the files."""
@@ -224,16 +239,22 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
         raise ValueError(f"{rc.model} has no tokenizer; calibration and evaluation text cannot be tokenized")
     cfg = model.cfg
     calib = calibration_tokens(model.tokenizer, rc.calibration)
-    extra, history = {}, []
+    extra, history, binary = {}, [], None
     if rc.method == "policy_gradient":
         weights, pruned_cfg, extra["policy_gradient"] = _policy_gradient(rc, model, calib, mesh, out, progress)
+    elif rc.method == "pbs2p":
+        weights, pruned_cfg, extra["pbs2p"], binary = _pbs2p(rc, model, calib, mesh, out, progress)
     else:
         weights, pruned_cfg, history = _supernet_and_search(rc, model, calib, mesh, out, progress)
     weights = place(weights, mesh)
     # The run owns OUT/model: a resumed run rewrites the same model (gathered by all, written by one).
     host_weights = jax.tree.map(to_host, weights)
-    report = (export_model(host_weights, pruned_cfg, out / "model", tokenizer=model.tokenizer, overwrite=True)
-              if is_primary() else None)
+    report = None
+    if is_primary() and binary is not None:
+        report = export_binary(host_weights, pruned_cfg, *binary, out / "model", tokenizer=model.tokenizer,
+                               overwrite=True)
+    elif is_primary():
+        report = export_model(host_weights, pruned_cfg, out / "model", tokenizer=model.tokenizer, overwrite=True)
     windows = eval_windows(model.tokenizer, rc)
     eval_key = {"model": rc.model, "dtype": rc.dtype, "eval": to_dict(rc.eval)}
     dense = _evaluate(model.weights, cfg, model.tokenizer, rc, windows, progress, mesh, out / "dense_eval.json",
@@ -257,7 +278,7 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
         **extra,
     }
     write_json(out / "summary.json", summary)
-    if is_primary():
+    if is_primary() and rc.method != "pbs2p":   # PBS²P keeps every head and channel
         plots.plot_layers(per_layer, cfg.num_kv_heads, cfg.intermediate_size, out / "per_layer.png",
                           f"{rc.method} on {rc.model}: kept per layer")
         if history:

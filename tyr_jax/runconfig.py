@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from tyr_jax.binarization.compress import Pbs2pConfig
 from tyr_jax.pruning.policy_gradient import PolicyGradientConfig
 from tyr_jax.search import SearchConfig
 from tyr_jax.sharding import make_mesh
@@ -22,7 +23,8 @@ from tyr_jax.supernet import SupernetConfig
 # `method:` → the local pruner that builds the copies, and whether a global search follows.
 METHODS = {"tyr": ("tyr", True), "uniform": ("tyr", False), "flap": ("flap", False),
            "wanda_sp": ("wanda_sp", False), "magnitude": ("magnitude", False),
-           "policy_gradient": ("tyr", False)}  # learns masks instead (section policy_gradient:); no supernet
+           "policy_gradient": ("tyr", False),  # learns masks instead (section policy_gradient:); no supernet
+           "pbs2p": ("tyr", False)}            # binarizes every linear instead (section pbs2p:); no supernet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,7 @@ class RunConfig:
     supernet: SupernetConfig = SupernetConfig()
     search: SearchConfig = SearchConfig()
     policy_gradient: PolicyGradientConfig = PolicyGradientConfig()
+    pbs2p: Pbs2pConfig = Pbs2pConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
 

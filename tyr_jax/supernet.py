@@ -16,17 +16,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import pathlib
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from tyr_jax.distributed import barrier, claim_directory, is_primary
+from tyr_jax.checkpointing import BlockStore
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
@@ -217,42 +214,10 @@ def averaged_projection(levels: dict, weights_e: np.ndarray, unit_size: int, d_o
 # -- the store ------------------------------------------------------------------------------------
 
 
-class SupernetStore:
-    """A directory of Orbax checkpoints, one per block (`block_007/`), plus `meta.json`.
+class SupernetStore(BlockStore):
+    """The supernet's copies: per block {"attn": levels, "mlp": levels} (see `compact_levels`)."""
 
-    `meta.json` fingerprints what the copies depend on (model, calibration, levels, method); opening
-    a directory built with anything else is refused, never overwritten.
-    """
-
-    def __init__(self, root: str | pathlib.Path, fingerprint: dict):
-        self.root = pathlib.Path(root).absolute()  # Orbax wants absolute paths
-        self.fingerprint = fingerprint
-        claim_directory(self.root, fingerprint, "a supernet built")
-        self._ckpt = ocp.StandardCheckpointer()
-
-    def block_dir(self, i: int) -> pathlib.Path:
-        return self.root / f"block_{i:03d}"
-
-    def has_block(self, i: int) -> bool:
-        return (self.block_dir(i) / "_CHECKPOINT_METADATA").exists()
-
-    def save_block(self, i: int, tree: dict) -> None:
-        path = self.block_dir(i)
-        if path.exists() and is_primary():  # a leftover of a killed save of this very block
-            shutil.rmtree(path)
-        barrier(f"supernet-save {path}")
-        self._ckpt.save(path, tree)   # every process calls it; Orbax writes once
-        self._ckpt.wait_until_finished()
-
-    def load_block(self, i: int) -> dict:
-        if not self.has_block(i):
-            raise FileNotFoundError(f"{self.block_dir(i)} is missing: the supernet is incomplete; run the "
-                                    "supernet build again to finish it")
-        tree = self._ckpt.restore(self.block_dir(i))
-        return jax.tree.map(np.asarray, tree)
-
-    def num_blocks(self) -> int:
-        return self.fingerprint["num_layers"]
+    holds = "a supernet built"
 
 
 def fingerprint(cfg: ModelConfig, scfg: SupernetConfig, plan: LevelPlan, calib_tokens: np.ndarray,

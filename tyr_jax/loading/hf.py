@@ -216,24 +216,32 @@ def weights_to_hf(weights: Weights, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def read_hf_config(model_dir: pathlib.Path) -> ModelConfig:
+def read_hf_json(model_dir: pathlib.Path) -> dict:
+    """The directory's config.json as a dict."""
     path = model_dir / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{model_dir} has no config.json; pass a Hugging Face model directory, a "
                                 ".gguf file or a built-in name")
     try:
-        hf = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
-    return ModelConfig.from_hf(hf)
 
 
 def load_hf_dir(model_dir: str | os.PathLike, *, dtype=jax.numpy.float32, shardings=None):
-    """(config, weights) of an HF model directory; weights placed with `shardings` if given."""
+    """(config, weights) of an HF model directory; weights placed with `shardings` if given.
+
+    A PBS²P export (`tyr_binary` in config.json) is unpacked to dense weights on the way in."""
     model_dir = pathlib.Path(model_dir)
-    cfg = read_hf_config(model_dir)
+    hf = read_hf_json(model_dir)
+    binary = hf.pop("tyr_binary", None)
+    cfg = ModelConfig.from_hf(hf)
     table = open_safetensors(model_dir)
     tensors = {name: (lambda n=name, f=st: f.get(n)) for name, st in table.items()}
+    if binary is not None:
+        from tyr_jax.binarization.packed import unpacked_tensors
+
+        tensors = unpacked_tensors(tensors, binary, cfg)
     if callable(shardings):
         shardings = shardings(abstract_weights(cfg, dtype))
     return cfg, weights_from_hf(cfg, tensors, dtype=dtype, shardings=shardings)

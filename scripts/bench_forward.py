@@ -47,13 +47,13 @@ def timed(fn, *args, repeats: int) -> list[float]:
     return times
 
 
-def matmul_ceiling(n: int = 8192, repeats: int = 5, chain: int = 20) -> float:
-    """Measured bf16 TFLOP/s of n×n×n products on random data: `chain` dependent products per jitted
-    call, so dispatch and clock ramp-up stay out of the number."""
+def matmul_ceiling(n: int = 8192, repeats: int = 5, chain: int = 20, dtype=jnp.bfloat16) -> float:
+    """Measured TFLOP/s of n×n×n products on random data (bf16; or fp32 at the precision in force):
+    `chain` dependent products per jitted call, so dispatch and clock ramp-up stay out of the number."""
     ka, kb = jax.random.split(jax.random.key(1))
-    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-    scale = jnp.asarray(1.0 / np.sqrt(n), jnp.bfloat16)  # keeps the chained product's magnitude steady
+    a = jax.random.normal(ka, (n, n), dtype)
+    b = jax.random.normal(kb, (n, n), dtype)
+    scale = jnp.asarray(1.0 / np.sqrt(n), dtype)  # keeps the chained product's magnitude steady
 
     @jax.jit
     def chained(a, b):

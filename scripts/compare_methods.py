@@ -10,9 +10,12 @@ is skipped; an unfinished one resumes, its evaluation too (`pruned_eval.json`).
 
     python scripts/compare_methods.py --out runs/compare --jobs 4 --set search.generations=12 \\
         configs/smollm2-50.yaml:tyr configs/smollm2-50.yaml:flap configs/smollm2-pg-50.yaml
+    python scripts/compare_methods.py --out runs/pbs2p configs/smollm2-pbs2p.yaml+pbs2p.variant=binarize \\
+        configs/smollm2-pbs2p.yaml configs/smollm2-pbs2p.yaml+pbs2p.n=5+pbs2p.variant=nm_then_binarize
     python scripts/compare_methods.py --out runs/compare        (no runs: the table of what is there)
 
-Writes OUT/table.md (held-out perplexity, zero-shot acc_norm per task and their mean, wall time).
+Writes OUT/table.md (held-out perplexity, zero-shot acc_norm per task and their mean, wall time; for
+PBS²P runs the bits per compressed weight of the packed file instead of the prunable parameters kept).
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from tyr_jax.runconfig import load_run_config
 
 
 def plan_runs(specs: list[str], out: pathlib.Path, overrides: list[str]) -> list[dict]:
-    """`config[:method]` → {name, dir, command}; the method defaults to the config's own."""
+    """`config[:method][+key=value...]` → {name, dir, command}; the method defaults to the config's own,
+    and the `+key=value` overrides (this run's only) name the run too."""
     runs = []
     for spec in specs:
+        spec, *own = spec.split("+")
         config, _, method = spec.partition(":")
-        extra = [f"method={method}"] if method else []
+        extra = ([f"method={method}"] if method else []) + own
         rc = load_run_config(config, extra + overrides)   # validates the config and the overrides now
-        name = f"{pathlib.Path(config).stem}-{rc.method}"
+        name = "-".join([pathlib.Path(config).stem, rc.method, *own])
         run_dir = out / name
         runs.append({"name": name, "dir": run_dir,
                      "command": [sys.executable, "-m", "tyr_jax.cli", "prune", "--config", config,
@@ -94,10 +99,19 @@ def run_all(runs: list[dict], jobs: int) -> list[str]:
     return failed
 
 
+def _target(s: dict) -> str:
+    """The run's budget: the fraction of parameters removed, or PBS²P's kept N of M (mean over blocks)."""
+    if "pbs2p" not in s:
+        return f"{s['target_sparsity']:.0%}"
+    ns = [n for n in s["pbs2p"]["n_per_layer"] if n is not None]
+    return f"{sum(ns) / len(ns):g}:{s['pbs2p']['m']}"
+
+
 def table(out: pathlib.Path) -> str:
-    """Markdown table of every OUT/*/summary.json: a dense row per target, then one row per run."""
+    """Markdown table of every OUT/*/summary.json: a dense row per target, then one row per run (PBS²P
+    runs form a group of their own)."""
     summaries = sorted((json.loads(p.read_text()) | {"name": p.parent.name} for p in out.glob("*/summary.json")),
-                       key=lambda s: (s["target_sparsity"], s["name"]))
+                       key=lambda s: ("pbs2p" in s, s["target_sparsity"], s["name"]))
     if not summaries:
         return "(no finished runs)"
     tasks = sorted({t for s in summaries for t in s["zeroshot"]["pruned"]})
@@ -107,17 +121,20 @@ def table(out: pathlib.Path) -> str:
     def row(name, target, kept, ppl, scores, wall):
         accs = [scores.get(t) for t in tasks]
         avg = [f"{sum(accs) / len(accs):.3f}" if None not in accs else ""] if tasks else []
-        cells = [name, f"{target:.0%}", kept, f"{ppl:,.2f}", *("" if a is None else f"{a:.3f}" for a in accs), *avg, wall]
+        cells = [name, target, kept, f"{ppl:,.2f}", *("" if a is None else f"{a:.3f}" for a in accs), *avg, wall]
         lines.append("| " + " | ".join(cells) + " |")
 
-    for target in sorted({s["target_sparsity"] for s in summaries}):
-        group = [s for s in summaries if s["target_sparsity"] == target]
+    groups: dict = {}
+    for s in summaries:
+        groups.setdefault("pbs2p" if "pbs2p" in s else s["target_sparsity"], []).append(s)
+    for group in groups.values():
         d = group[0]
-        row("dense", 0.0, f"{d['params']['prunable_dense']:,}", d["ppl"]["dense"], d["zeroshot"]["dense"], "")
+        row("dense", "0%", f"{d['params']['prunable_dense']:,}", d["ppl"]["dense"], d["zeroshot"]["dense"], "")
         for s in group:
             p = s["params"]
-            row(s["name"], target, f"{p['prunable_pruned'] / p['prunable_dense']:.2%}", s["ppl"]["pruned"],
-                s["zeroshot"]["pruned"], f"{s['wall_time_s']:.0f} s")
+            kept = (f"{s['export']['bits_per_weight']['file']:.2f} bits/w" if "pbs2p" in s else
+                    f"{p['prunable_pruned'] / p['prunable_dense']:.2%}")
+            row(s["name"], _target(s), kept, s["ppl"]["pruned"], s["zeroshot"]["pruned"], f"{s['wall_time_s']:.0f} s")
     text = summaries[0]["ppl"]   # every run scores the same evaluation text
     return "\n".join(lines) + f"\n\nperplexity: {text['text']}, windows of {text['seq_len']}, " \
                               f"{text['tokens_scored']:,} tokens scored\n"

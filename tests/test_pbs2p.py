@@ -292,3 +292,18 @@ def test_cli_prune_pbs2p_end_to_end(tiny_hf_dir, tmp_path):
                                 str(corpus), "--seq-len", "32", "--max-tokens", "256"], capture_output=True, text=True)
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"perplexity {summary['ppl']['pruned']:.4f}" in evaluated.stdout
+
+
+def test_dense_blocks_stay_exact_and_the_export_loads(tmp_path):
+    pcfg = compress.Pbs2pConfig(block_size=16, dense_blocks=(0,))
+    dense, (weights, layers, ns) = _compress(tmp_path, pcfg)
+    assert ns[0] is None and sum(ns[1:]) == 6 * 2 and layers[0] is None
+    for a, b in zip(jax.tree.leaves(dense.blocks[0]), jax.tree.leaves(weights.blocks[0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    meta = {"variant": "pbs2p", "m": 8, "block_size": 16, "n_per_layer": ns}
+    packed.export_binary(weights, CFG, layers, meta, tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(loaded.weights)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="pbs2p.dense_blocks"):
+        _compress(tmp_path, compress.Pbs2pConfig(block_size=16, dense_blocks=(3,)), name="bad")

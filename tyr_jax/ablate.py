@@ -7,7 +7,8 @@ re-run skips finished variants. What a variant yields:
   * a method without search (`uniform`, `flap`, `wanda_sp`, `magnitude`, or `tyr` with
     `search.iterations=0`): the held-out perplexity of the model made of every sublayer's centre copy
     (the target sparsity everywhere), as `scripts/ablate_uniform.py` measures it;
-  * `method: tyr` with search: the whole `tyr-jax prune` pipeline, its pruned model's perplexity.
+  * `method: tyr` with search, `policy_gradient` and `pbs2p`: the whole `tyr-jax prune` pipeline, its
+    model's perplexity.
 
 How variants run (the table's `mode` column says which):
 
@@ -124,7 +125,7 @@ def make_variants(config: str | None, overrides: list[str], vary: list[str]) -> 
 
 def _vmap_key(rc: RunConfig) -> str | None:
     """What a variant must share with others to join their vmapped build (None: it runs alone)."""
-    if rc.searches:
+    if not rc.centre_copies:
         return None
     tree = to_dict(rc)
     tree.pop("out")
@@ -325,7 +326,7 @@ def _run_group(group: list[Variant], shared: _Shared, progress: bool) -> None:
 def _run_alone(v: Variant, shared: _Shared, progress: bool) -> None:
 
     start = time.perf_counter()
-    if v.rc.searches:
+    if not v.rc.centre_copies:
         summary = run_prune(v.rc, progress=progress)
         metrics = {"ppl": summary["ppl"]["pruned"], "params": summary["params"]["pruned"]}
     else:

@@ -222,7 +222,7 @@ def _pbs2p(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: path
         model.weights, model.cfg, calib, pcfg, store, batch_size=rc.calibration.batch_size, progress=progress,
         mesh=mesh)
     meta = {"variant": pcfg.variant, "m": pcfg.m, "block_size": pcfg.block_size, "n_per_layer": ns}
-    kept = float(np.mean(ns)) / pcfg.m
+    kept = float(np.mean([pcfg.m if n is None else n for n in ns])) / pcfg.m
     return weights, model.cfg, meta | {"kept_fraction": kept}, (packed_layers, meta)
 
 

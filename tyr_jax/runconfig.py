@@ -110,6 +110,11 @@ class RunConfig:
     def searches(self) -> bool:
         return METHODS[self.method][1] and self.search.iterations > 0
 
+    @property
+    def centre_copies(self) -> bool:
+        """Whether the pruned model is every sublayer's centre supernet copy (no search, no other system)."""
+        return not self.searches and self.method not in ("policy_gradient", "pbs2p")
+
 
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):

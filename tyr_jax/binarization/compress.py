@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tyr_jax.binarization import nm, packed
-from tyr_jax.binarization.linear import SPBO_METRICS, VARIANTS, check_settings, compress_linear
+from tyr_jax.binarization.linear import SPBO_METRICS, VARIANTS, BinaryLinear, check_settings, compress_linear
 from tyr_jax.checkpointing import BlockStore
 from tyr_jax.distributed import is_primary
 from tyr_jax.models import llama
@@ -55,6 +55,7 @@ class Pbs2pConfig:
     cfs: bool = True                # coarse stage: N per block from its importance (variant pbs2p)
     cfs_low: int | None = None      # bounds of a block's N (default N − 1 and N + 1, within [1, M])
     cfs_high: int | None = None
+    dense_blocks: tuple[int, ...] = ()   # blocks left in full precision (default none: every block)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -67,6 +68,8 @@ class Pbs2pConfig:
             raise ValueError("pbs2p.arb_iters and pbs2p.damp must not be negative")
         if self.spbo_steps is not None and not 1 <= self.spbo_steps <= max(self.m - self.n, 1):
             raise ValueError(f"pbs2p.spbo_steps must lie in [1, M − N = {self.m - self.n}], got {self.spbo_steps}")
+        if any(not isinstance(b, int) or isinstance(b, bool) or b < 0 for b in self.dense_blocks):
+            raise ValueError(f"pbs2p.dense_blocks must be block indices (integers >= 0), got {self.dense_blocks}")
         low, high = self.bounds
         if not 1 <= low <= self.n <= high <= self.m:
             raise ValueError(f"pbs2p.cfs_low / cfs_high must satisfy 1 <= low <= N <= high <= M, got "
@@ -179,17 +182,23 @@ def block_importance(weights: llama.Weights, cfg: ModelConfig, xs: list, rope) -
 # -- the whole model -------------------------------------------------------------------------------
 
 
-def block_n(weights: llama.Weights, cfg: ModelConfig, xs: list, rope, pcfg: Pbs2pConfig, store: Pbs2pStore) -> list[int]:
-    """N of every block: fixed at the first run (`plan.json` in the store), from CFS or the target."""
+def block_n(weights: llama.Weights, cfg: ModelConfig, xs: list, rope, pcfg: Pbs2pConfig,
+            store: Pbs2pStore) -> list[int | None]:
+    """N of every block (None: left dense): fixed at the first run (`plan.json` in the store), from CFS
+    over the compressed blocks or the target."""
     path = store.root / "plan.json"
     if path.exists():
         return json.loads(path.read_text())["n_per_layer"]
     importance = None
+    compressed = [i for i in range(cfg.num_layers) if i not in pcfg.dense_blocks]
+    ns: list[int | None] = [None] * cfg.num_layers
     if pcfg.uses_cfs:
         importance = block_importance(weights, cfg, xs, rope)
-        ns = nm.cfs_block_n(importance, pcfg.n, *pcfg.bounds)
+        for i, n in zip(compressed, nm.cfs_block_n(importance[compressed], pcfg.n, *pcfg.bounds)):
+            ns[i] = n
     else:
-        ns = [pcfg.m if pcfg.variant == "binarize" else pcfg.n] * cfg.num_layers
+        for i in compressed:
+            ns[i] = pcfg.m if pcfg.variant == "binarize" else pcfg.n
     if is_primary():
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"n_per_layer": ns, "importance": None if importance is None else
@@ -204,12 +213,14 @@ def compress_model(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     """Compresses every block (or finishes a killed run) into `store`.
 
     Returns (weights with every linear replaced by its binary reconstruction, packed blocks
-    [{proj: arrays}] for `packed.export_binary`, N per block). With a `mesh`, calibration batches are
+    [{proj: arrays}, None for a dense block] for `packed.export_binary`, N per block (None: dense)). With a `mesh`, calibration batches are
     split over `data` and each weight's rows (outputs, independent in GPTQ) over every device.
     `timings`, if given, accumulates seconds in statistics + propagation (`stats_s`), in the compressor
     (`compress_s`), in Orbax writes (`save_s`) and in total (`total_s`)."""
     if cfg.is_pruned:
         raise ValueError("PBS²P compresses a dense-shaped model; got one with pruned layer sizes")
+    if any(b >= cfg.num_layers for b in pcfg.dense_blocks):
+        raise ValueError(f"pbs2p.dense_blocks {list(pcfg.dense_blocks)}: the model has blocks 0-{cfg.num_layers - 1}")
     for name, w in _linears(weights.blocks[0]).items():
         try:
             check_settings(w.shape[1], pcfg.n, pcfg.m, pcfg.block_size)
@@ -232,7 +243,12 @@ def compress_model(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
         start = time.perf_counter()
         blk = weights.blocks[i]
         stored = store.load_block(i) if store.has_block(i) else None
-        if stored is not None:
+        if ns[i] is None:            # left dense; saved all the same, so a resumed run counts it done
+            xs = [_mlp_step(blk, _attn_step(blk, x, rope, cfg), cfg) for x in xs]
+            if stored is None:
+                store.save_block(i, {"dense": np.ones((1,), np.int8)})
+            stored = None
+        elif stored is not None:
             shapes = {p: tuple(w.shape) for p, w in _linears(blk).items()}
             new = {p: packed.unpack(stored[p], shapes[p]).dense(pcfg.block_size) for p in packed.PROJECTIONS}
             blk = _with_linears(blk, new)
@@ -247,7 +263,8 @@ def compress_model(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
         packed_layers.append(stored)
         jax.block_until_ready(xs)
         timings["total_s"] += time.perf_counter() - start
-        bar.set_postfix(N=f"{ns[i]}:{pcfg.m}", block_s=f"{time.perf_counter() - start:.1f}")
+        bar.set_postfix(N="dense" if ns[i] is None else f"{ns[i]}:{pcfg.m}",
+                        block_s=f"{time.perf_counter() - start:.1f}")
     return dataclasses.replace(weights, blocks=blocks), packed_layers, ns
 
 
@@ -257,27 +274,33 @@ _GROUPS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
 
 def _compress_block(blk, xs, rope, cfg, args: dict, stored: dict, mesh, timings: dict):
     """Compresses one block's linears in GPTQ order on its inputs xs; fills `stored` with packed arrays.
-    Returns (the compressed block, its outputs)."""
+    Returns (the compressed block, its outputs).
+
+    Linears that share an input (q/k/v, gate/up) are compressed as one matrix of stacked rows: GPTQ,
+    ARB and N:M all act row by row given the one H, so this equals compressing each alone, with one
+    factorisation of H and larger kernels."""
     for where, names in _GROUPS:
         if where == "gate_up":   # the MLP sees the output of the compressed attention sublayer
             xs = [_attn_step(blk, x, rope, cfg) for x in xs]
         t0 = time.perf_counter()
-        d_in = _linears(blk)[names[0]].shape[1]
-        stats = SublayerStats.zeros(d_in)
+        ws = [_linears(blk)[name] for name in names]
+        stats = SublayerStats.zeros(ws[0].shape[1])
         for x in xs:
             stats = _stats(blk, x, stats, rope, cfg, where)
         hessian = stats.hessian_ii if mesh is None else jax.device_put(stats.hessian_ii, replicated(mesh))
         jax.block_until_ready(hessian)
         t1 = time.perf_counter()
         timings["stats_s"] += t1 - t0
+        w = jnp.concatenate(ws, axis=0)
+        if mesh is not None:   # GPTQ rows are independent: split them over every device
+            w = jax.device_put(w, logical_sharding(mesh, ("hessian", None), w.shape))
+        lin = compress_linear(w, hessian, **args)
+        ends = np.cumsum([x.shape[0] for x in ws])
         new = {}
-        for name in names:
-            w = _linears(blk)[name]
-            if mesh is not None:   # GPTQ rows are independent: split them over every device
-                w = jax.device_put(w, logical_sharding(mesh, ("hessian", None), w.shape))
-            lin = compress_linear(w, hessian, **args)
-            new[name] = lin.dense(args["block_size"])
-            stored[name] = packed.pack(lin)
+        for name, start, end in zip(names, [0, *ends[:-1]], ends):
+            rows = BinaryLinear(*(a[start:end] for a in lin))
+            new[name] = rows.dense(args["block_size"])
+            stored[name] = packed.pack(rows)
         blk = _with_linears(blk, new)
         timings["compress_s"] += time.perf_counter() - t1
     return blk, [_mlp_step(blk, x, cfg) for x in xs]

@@ -9,7 +9,7 @@ For every compressed projection (HF name `model.layers.{i}.{part}.{proj}.weight`
 
 (bits little-endian within a byte), and every other tensor (embeddings, norms, lm_head, biases) as the
 dense export writes it. `config.json` is the model's HF config plus `tyr_binary` (format, variant, M,
-block size, N per layer), which `tyr_jax.loading.load_model` reads to unpack: within a block of columns
+block size, N per layer: null for a block left dense), which `tyr_jax.loading.load_model` reads to unpack: within a block of columns
 a row's kept weights take exactly the two values μ ± α, pruned ones are exactly 0.
 """
 
@@ -19,6 +19,7 @@ import json
 import os
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
@@ -39,16 +40,20 @@ def weight_name(layer: int, proj: str) -> str:
 
 
 def pack(lin: BinaryLinear) -> dict[str, np.ndarray]:
-    """BinaryLinear → {"mask"?, "signs", "alpha", "mu"} as host arrays (every row keeps as many weights)."""
-    keep, sign = np.asarray(lin.keep_oi, bool), np.asarray(lin.sign_oi, bool)
-    kept = keep.sum(axis=1)
+    """BinaryLinear → {"mask"?, "signs", "alpha", "mu"} host arrays (every row keeps as many weights).
+
+    The bits are gathered and packed where the arrays live (on the device), so only the packed bytes
+    travel to the host."""
+    keep, sign = jnp.asarray(lin.keep_oi), jnp.asarray(lin.sign_oi)
+    kept = np.asarray(jnp.sum(keep, axis=1))
     if np.any(kept != kept[0]):
         raise ValueError("every row of an N:M weight keeps the same number of weights; this one does not")
-    signs = sign[keep].reshape(keep.shape[0], int(kept[0]))
-    out = {"signs": np.packbits(signs, axis=1, bitorder="little"),
+    cols = jnp.argsort(jnp.logical_not(keep).astype(jnp.int8), axis=1, stable=True)[:, : int(kept[0])]
+    signs = jnp.take_along_axis(sign, cols, axis=1)       # the kept weights' signs, in column order
+    out = {"signs": np.asarray(jnp.packbits(signs, axis=1, bitorder="little")),
            "alpha": np.asarray(lin.alpha_ob, np.float16), "mu": np.asarray(lin.mu_ob, np.float16)}
-    if not keep.all():
-        out["mask"] = np.packbits(keep, axis=1, bitorder="little")
+    if kept[0] < keep.shape[1]:
+        out["mask"] = np.asarray(jnp.packbits(keep, axis=1, bitorder="little"))
     return out
 
 
@@ -80,7 +85,7 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
     dense_bytes = sum(t.nbytes for t in tensors.values())
     compressed_weights = packed_bytes = sign_scale_bytes = 0
     for i, layer in enumerate(packed_layers):
-        for proj in PROJECTIONS:
+        for proj in PROJECTIONS if layer is not None else ():    # None: a block left dense
             name = weight_name(i, proj)
             compressed_weights += tensors.pop(name).size
             for part, array in layer[proj].items():
@@ -95,13 +100,14 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
         tokenizer.save(str(out / "tokenizer.json"))
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")   # last: marks a whole model
     file_bytes = (out / "model.safetensors").stat().st_size
+    ns = [n for n in meta["n_per_layer"] if n is not None]
     return {"file_bytes": file_bytes, "dense_file_bytes": dense_bytes,
             "file_over_dense": file_bytes / dense_bytes,
             "weights_compressed": compressed_weights,
             "bits_per_weight": {
                 "file": 8 * packed_bytes / compressed_weights,
                 "signs_and_scales": 8 * sign_scale_bytes / compressed_weights,
-                "paper_convention": float(np.mean(meta["n_per_layer"])) / meta["m"] * 1.1}}
+                "paper_convention": float(np.mean(ns)) / meta["m"] * 1.1}}
 
 
 def unpacked_tensors(tensors: dict, binary: dict, cfg: ModelConfig) -> dict:
@@ -111,7 +117,7 @@ def unpacked_tensors(tensors: dict, binary: dict, cfg: ModelConfig) -> dict:
                          f"format {FORMAT}: export the model again with this version")
     out = dict(tensors)
     for i in range(cfg.num_layers):
-        for proj in PROJECTIONS:
+        for proj in PROJECTIONS if binary["n_per_layer"][i] is not None else ():
             name = weight_name(i, proj)
             parts = {p[1:]: out.pop(name + p) for p in PARTS if name + p in out}
             if not {"signs", "alpha", "mu"} <= set(parts):

@@ -22,3 +22,4 @@ run policy_gradient bench_policy_gradient.py --samples 2,8
 run inference bench_pruned_inference.py
 run supernet bench_supernet.py --tokens 4194304 --mlp-round-sizes 16,896
 run forward bench_forward.py
+run pbs2p bench_pbs2p.py

@@ -50,10 +50,10 @@ def main():
     blk = model.weights.blocks[args.block]
     mid = [x + llama.attention(blk.attn, x, cfg, rope) for x in xs]
     hessians = {}
-    for where, names in compress._GROUPS:
-        stats = SublayerStats.zeros(compress._linears(blk)[names[0]].shape[1])
+    for where, names in compress.INPUT_GROUPS:
+        stats = SublayerStats.zeros(compress.block_linears(blk)[names[0]].shape[1])
         for x in (mid if where in ("gate_up", "down") else xs):
-            stats = compress._stats(blk, x, stats, rope, cfg, where)
+            stats = compress.input_stats(blk, x, stats, rope, cfg, where)
         hessians.update({n: stats.hessian_ii for n in names})
     table = []
     for pattern in args.patterns.split(","):
@@ -62,7 +62,7 @@ def main():
             if kw["variant"] == "binarize" and table:   # no pruning: the same at every pattern
                 continue
             errs = {}
-            for name, w in compress._linears(blk).items():
+            for name, w in compress.block_linears(blk).items():
                 lin = linear.compress_linear(w, hessians[name], n=n, m=m, **kw)
                 errs[name.split(".")[1]] = float(linear.output_error(w, lin.dense(128), hessians[name]))
             table.append({"pattern": pattern, "variant": row, **errs, "mean": float(np.mean(list(errs.values())))})

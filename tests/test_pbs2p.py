@@ -82,7 +82,11 @@ def compress_ref(w, h, *, variant, n, m, bs, damp=0.01, iters=15, steps=None, me
         a, mu = a.astype(np.float16).astype(np.float64), mu.astype(np.float16).astype(np.float64)
         hat = np.where(keep, a[:, None] * b + mu[:, None], 0)
         out_keep[:, s:s + bs], out_hat[:, s:s + bs] = keep, hat
-        w[:, s + bs:] -= ((w1 - hat) / d) @ u[s:s + bs, s + bs:]
+        w1, err = w1.copy(), np.zeros(w1.shape)
+        for j in range(w1.shape[1]):         # GPTQ's column loop with the block's values fixed
+            err[:, j] = (w1[:, j] - hat[:, j]) / d[j]
+            w1[:, j:] -= np.outer(err[:, j], u[s + j, s + j:s + bs])
+        w[:, s + bs:] -= err @ u[s:s + bs, s + bs:]
     return out_keep, out_hat
 
 
@@ -307,3 +311,21 @@ def test_dense_blocks_stay_exact_and_the_export_loads(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="pbs2p.dense_blocks"):
         _compress(tmp_path, compress.Pbs2pConfig(block_size=16, dense_blocks=(3,)), name="bad")
+
+
+def test_compare_methods_takes_per_run_overrides(tmp_path):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_methods", pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    cfg = str(pathlib.Path(__file__).parents[1] / "configs" / "smollm2-pbs2p.yaml")
+    runs = compare.plan_runs([cfg, cfg + "+pbs2p.variant=binarize", cfg + "+pbs2p.n=5+pbs2p.cfs=false"], tmp_path,
+                             ["eval.limit=10"])
+    assert [r["name"] for r in runs] == ["smollm2-pbs2p-pbs2p", "smollm2-pbs2p-pbs2p-pbs2p.variant=binarize",
+                                         "smollm2-pbs2p-pbs2p-pbs2p.n=5-pbs2p.cfs=false"]
+    assert runs[2]["command"][-4:] == ["pbs2p.n=5", "pbs2p.cfs=false", "eval.limit=10", f"out={runs[2]['dir']}"]
+    with pytest.raises(ValueError, match="pbs2p.n must lie"):
+        compare.plan_runs([cfg + "+pbs2p.n=9"], tmp_path, [])

@@ -72,7 +72,7 @@ def export_model(weights: Weights, cfg: ModelConfig, out_dir: str | os.PathLike,
     zero_biases = [] if blockers else _add_zero_biases(tensors, cfg, hf_config)
     note = _note(cfg, blockers, zero_biases)
 
-    _prepare(out, overwrite)
+    prepare_model_dir(out, overwrite)
     save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
@@ -226,7 +226,7 @@ def _note(cfg: ModelConfig, blockers: list[str], zero_biases: list[str]) -> str:
     return note
 
 
-def _prepare(out: pathlib.Path, overwrite: bool) -> None:
+def prepare_model_dir(out: pathlib.Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ours = [p for p in out.iterdir() if p.suffix == ".safetensors" or p.name in (
         "config.json", "tokenizer.json", "model.safetensors.index.json", NOTE_FILE)]

@@ -106,8 +106,13 @@ def fingerprint(cfg: ModelConfig, pcfg: Pbs2pConfig, calib_tokens: np.ndarray, m
 
 # -- the block's linears in [O, I] layout ------------------------------------------------------------
 
+# The linears of a block by their input, in GPTQ order (each group shares one H).
+INPUT_GROUPS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("o", ("self_attn.o_proj",)),
+                ("gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("down", ("mlp.down_proj",)))
 
-def _linears(blk: llama.Block) -> dict:
+
+def block_linears(blk: llama.Block) -> dict:
+    """The block's 7 weights by HF name, in [O, I] layout."""
     a, m = blk.attn, blk.mlp
     d = a.norm_d.shape[0]
     return {"self_attn.q_proj": a.q_dkgh.reshape(d, -1).T, "self_attn.k_proj": a.k_dkh.reshape(d, -1).T,
@@ -143,7 +148,7 @@ def _inputs(blk: llama.Block, x, rope, cfg: ModelConfig, where: str):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "where"), donate_argnums=2)
-def _stats(blk, x, stats, rope, cfg, where):
+def input_stats(blk, x, stats, rope, cfg, where):
     return accumulate_stats(stats, _inputs(blk, x, rope, cfg, where))
 
 
@@ -221,7 +226,7 @@ def compress_model(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
         raise ValueError("PBS²P compresses a dense-shaped model; got one with pruned layer sizes")
     if any(b >= cfg.num_layers for b in pcfg.dense_blocks):
         raise ValueError(f"pbs2p.dense_blocks {list(pcfg.dense_blocks)}: the model has blocks 0-{cfg.num_layers - 1}")
-    for name, w in _linears(weights.blocks[0]).items():
+    for name, w in block_linears(weights.blocks[0]).items():
         try:
             check_settings(w.shape[1], pcfg.n, pcfg.m, pcfg.block_size)
         except ValueError as e:
@@ -249,7 +254,7 @@ def compress_model(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
                 store.save_block(i, {"dense": np.ones((1,), np.int8)})
             stored = None
         elif stored is not None:
-            shapes = {p: tuple(w.shape) for p, w in _linears(blk).items()}
+            shapes = {p: tuple(w.shape) for p, w in block_linears(blk).items()}
             new = {p: packed.unpack(stored[p], shapes[p]).dense(pcfg.block_size) for p in packed.PROJECTIONS}
             blk = _with_linears(blk, new)
             xs = [_mlp_step(blk, _attn_step(blk, x, rope, cfg), cfg) for x in xs]
@@ -268,10 +273,6 @@ def compress_model(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     return dataclasses.replace(weights, blocks=blocks), packed_layers, ns
 
 
-_GROUPS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("o", ("self_attn.o_proj",)),
-           ("gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("down", ("mlp.down_proj",)))
-
-
 def _compress_block(blk, xs, rope, cfg, args: dict, stored: dict, mesh, timings: dict):
     """Compresses one block's linears in GPTQ order on its inputs xs; fills `stored` with packed arrays.
     Returns (the compressed block, its outputs).
@@ -279,14 +280,14 @@ def _compress_block(blk, xs, rope, cfg, args: dict, stored: dict, mesh, timings:
     Linears that share an input (q/k/v, gate/up) are compressed as one matrix of stacked rows: GPTQ,
     ARB and N:M all act row by row given the one H, so this equals compressing each alone, with one
     factorisation of H and larger kernels."""
-    for where, names in _GROUPS:
+    for where, names in INPUT_GROUPS:
         if where == "gate_up":   # the MLP sees the output of the compressed attention sublayer
             xs = [_attn_step(blk, x, rope, cfg) for x in xs]
         t0 = time.perf_counter()
-        ws = [_linears(blk)[name] for name in names]
+        ws = [block_linears(blk)[name] for name in names]
         stats = SublayerStats.zeros(ws[0].shape[1])
         for x in xs:
-            stats = _stats(blk, x, stats, rope, cfg, where)
+            stats = input_stats(blk, x, stats, rope, cfg, where)
         hessian = stats.hessian_ii if mesh is None else jax.device_put(stats.hessian_ii, replicated(mesh))
         jax.block_until_ready(hessian)
         t1 = time.perf_counter()

@@ -4,8 +4,9 @@ With H = XᵀX of the layer's calibration inputs, damped by `damp`·mean(diag H)
 Cholesky factor of H⁻¹ (H⁻¹ = UᵀU), the input columns are compressed in blocks of `block_size`:
 
   1. mask and binarize the block (variant below) → Ŵ₁;
-  2. push its error onto the columns not yet compressed (lazy batch update, as GPTQ):
-         E = (W₁ − Ŵ₁) / diag(U₁),    W[:, later] −= E · U[block, later]
+  2. push its error onto the columns not yet compressed (lazy batch update, as GPTQ and BiLLM): column
+     j's error e_j = (w_j − ŵ_j) / U_jj, w_j updated by the errors of the block's earlier columns, i.e.
+         E · U₁ = W₁ − Ŵ₁   (U₁ the block's upper-triangular diagonal block),   W[:, later] −= E · U[block, later]
 
 Variants of step 1:
   * `binarize` — ARB on every entry (no pruning: the ~1-bit reference point);
@@ -146,7 +147,10 @@ def compress_linear(w_oi: Float[Array, "O I"], hessian_ii: Float[Array, "I I"], 
                                          variant=variant, n=n, m=m, arb_iters=arb_iters, spbo_steps=steps,
                                          spbo_metric=spbo_metric)
             bits = bits._replace(alpha_r=bits.alpha_r.astype(SCALE_DTYPE), mu_r=bits.mu_r.astype(SCALE_DTYPE))
-            err = (w1 - arb.reconstruct(bits, keep)) / u_diag[None, :]
+            # GPTQ's errors for a block whose values are fixed: e_j = (w_j − ŵ_j) / U_jj with w_j updated by
+            # the block's earlier columns, i.e. E·U₁ = W₁ − Ŵ₁ (U₁ upper triangular): one triangular solve.
+            u_block = jax.lax.dynamic_slice_in_dim(u_rows, start, block_size, axis=1)
+            err = jax.scipy.linalg.solve_triangular(u_block, (w1 - arb.reconstruct(bits, keep)).T, trans="T").T
             # U is upper triangular: columns before the block get nothing, the block's own (already
             # compressed) columns are never read again, so the whole row band can be applied.
             w = w - err @ u_rows

@@ -24,7 +24,7 @@ import numpy as np
 import tokenizers
 
 from tyr_jax.binarization.linear import BinaryLinear, dense_weight
-from tyr_jax.export import _prepare, save_safetensors
+from tyr_jax.export import prepare_model_dir, save_safetensors
 from tyr_jax.loading.hf import weights_to_hf
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Weights
@@ -94,7 +94,7 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
                 sign_scale_bytes += 0 if part == "mask" else array.nbytes
     hf_config = cfg.to_hf() | {"dtype": str(np.dtype(weights.embed_vd.dtype)),
                                "tyr_binary": {"format": FORMAT, **meta}}
-    _prepare(out, overwrite)
+    prepare_model_dir(out, overwrite)
     save_safetensors(tensors, out / "model.safetensors", metadata={"format": "tyr-binary"})
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))

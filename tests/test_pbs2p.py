@@ -329,3 +329,21 @@ def test_compare_methods_takes_per_run_overrides(tmp_path):
     assert runs[2]["command"][-4:] == ["pbs2p.n=5", "pbs2p.cfs=false", "eval.limit=10", f"out={runs[2]['dir']}"]
     with pytest.raises(ValueError, match="pbs2p.n must lie"):
         compare.plan_runs([cfg + "+pbs2p.n=9"], tmp_path, [])
+
+
+def test_a_corrupt_packed_file_is_refused_by_name(tmp_path):
+    from tyr_jax.export import save_safetensors
+    from tyr_jax.loading.hf import SafetensorsFile
+
+    pcfg = compress.Pbs2pConfig(block_size=16, cfs=False)
+    _, (weights, layers, ns) = _compress(tmp_path, pcfg)
+    meta = {"variant": "pbs2p", "m": 8, "block_size": 16, "n_per_layer": ns}
+    packed.export_binary(weights, CFG, layers, meta, tmp_path / "model")
+    path = tmp_path / "model" / "model.safetensors"
+    st = SafetensorsFile(path)
+    tensors = {name: np.asarray(st.get(name)) for name in st.header}
+    name = "model.layers.1.mlp.down_proj.weight_alpha"
+    tensors[name] = tensors[name][:, :1]
+    save_safetensors(tensors, path)
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj.weight: packed weight .* scales of shape"):
+        load_model(tmp_path / "model")

@@ -1,5 +1,6 @@
 """tyr-jax: structural pruning of Llama-family LLMs in JAX (Týr-the-Pruner and relatives)."""
 
+from tyr_jax.binarization import Pbs2pConfig, compress_model
 from tyr_jax.evaluation.perplexity import perplexity
 from tyr_jax.loading import LoadedModel, load_model
 from tyr_jax.models import ModelConfig, UnitMasks, Weights, apply_masks, forward, init_weights, token_logprobs
@@ -8,6 +9,6 @@ from tyr_jax.supernet import LevelPlan, SupernetConfig, SupernetStore, assemble,
 
 __version__ = "0.1.0"
 
-__all__ = ["PRUNERS", "LevelPlan", "LevelResult", "LoadedModel", "ModelConfig", "SublayerStats", "SupernetConfig",
-           "SupernetStore", "UnitMasks", "Weights", "apply_masks", "assemble", "build_supernet", "forward",
-           "get_pruner", "init_weights", "load_model", "perplexity", "token_logprobs"]
+__all__ = ["PRUNERS", "LevelPlan", "LevelResult", "LoadedModel", "ModelConfig", "Pbs2pConfig", "SublayerStats",
+           "SupernetConfig", "SupernetStore", "UnitMasks", "Weights", "apply_masks", "assemble", "build_supernet",
+           "compress_model", "forward", "get_pruner", "init_weights", "load_model", "perplexity", "token_logprobs"]

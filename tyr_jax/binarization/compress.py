@@ -30,7 +30,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tyr_jax.binarization import nm, packed
-from tyr_jax.binarization.linear import SPBO_METRICS, VARIANTS, BinaryLinear, check_settings, compress_linear
+from tyr_jax.binarization.linear import (SPBO_METRICS, VARIANTS, BinaryLinear, check_pattern, check_settings,
+                                         compress_linear)
 from tyr_jax.checkpointing import BlockStore
 from tyr_jax.distributed import is_primary
 from tyr_jax.models import llama
@@ -63,7 +64,7 @@ class Pbs2pConfig:
         if self.spbo_metric not in SPBO_METRICS:
             raise ValueError(f"pbs2p.spbo_metric {self.spbo_metric!r} is unknown; choose one of "
                              f"{', '.join(SPBO_METRICS)}")
-        check_settings(self.m, self.n, self.m, self.block_size)
+        check_pattern(self.n, self.m, self.block_size)
         if self.arb_iters < 0 or not self.damp >= 0:
             raise ValueError("pbs2p.arb_iters and pbs2p.damp must not be negative")
         if self.spbo_steps is not None and not 1 <= self.spbo_steps <= max(self.m - self.n, 1):

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from tyr_jax.binarization import arb, nm
@@ -53,7 +54,7 @@ class BinaryLinear(NamedTuple):
 
 def dense_weight(keep_oi, sign_oi, alpha_ob, mu_ob, block_size: int):
     """ŵ_rj = α_r,b(j) · (±1) + μ_r,b(j) where kept, else 0 (fp32); works on NumPy and JAX arrays."""
-    xp = jnp if isinstance(keep_oi, jax.Array) else __import__("numpy")
+    xp = jnp if isinstance(keep_oi, jax.Array) else np
     cols = keep_oi.shape[1]
     block_of = xp.arange(cols) // block_size
     alpha = alpha_ob.astype(xp.float32)[:, block_of]
@@ -61,12 +62,17 @@ def dense_weight(keep_oi, sign_oi, alpha_ob, mu_ob, block_size: int):
     return xp.where(keep_oi, alpha * xp.where(sign_oi, 1.0, -1.0).astype(xp.float32) + mu, 0.0).astype(xp.float32)
 
 
-def check_settings(d_in: int, n: int, m: int, block_size: int) -> None:
-    """Refuses N:M settings that cannot apply to a layer with `d_in` inputs, naming the key."""
+def check_pattern(n: int, m: int, block_size: int) -> None:
+    """Refuses an N:M pattern that cannot be, naming the key."""
     if not 1 <= n <= m:
         raise ValueError(f"pbs2p.n must lie in [1, pbs2p.m = {m}], got N = {n}")
     if block_size % m:
         raise ValueError(f"pbs2p.block_size ({block_size}) must be a multiple of pbs2p.m ({m})")
+
+
+def check_settings(d_in: int, n: int, m: int, block_size: int) -> None:
+    """Refuses N:M settings that cannot apply to a layer with `d_in` inputs, naming the key."""
+    check_pattern(n, m, block_size)
     if d_in % m:
         raise ValueError(f"pbs2p.m ({m}) must divide every layer's input size; {d_in} is not a multiple")
 

@@ -124,7 +124,7 @@ def unpacked_tensors(tensors: dict, binary: dict, cfg: ModelConfig) -> dict:
                 raise ValueError(f"the packed model lacks {name}_signs/_alpha/_mu; the file is incomplete or "
                                  "not a tyr-jax binary export")
             shape = projection_shape(cfg, i, proj)
-            out[name] = (lambda parts=parts, shape=shape: _dense(parts, shape, binary["block_size"]))
+            out[name] = (lambda name=name, parts=parts, shape=shape: _dense(name, parts, shape, binary["block_size"]))
     return out
 
 
@@ -137,5 +137,13 @@ def projection_shape(cfg: ModelConfig, layer: int, proj: str) -> tuple[int, int]
             "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}[proj]
 
 
-def _dense(parts: dict, shape: tuple[int, int], block_size: int) -> np.ndarray:
-    return dense_weight(*unpack({k: v() for k, v in parts.items()}, shape), block_size)
+def _dense(name: str, parts: dict, shape: tuple[int, int], block_size: int) -> np.ndarray:
+    try:
+        lin = unpack({k: v() for k, v in parts.items()}, shape)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    scales = (shape[0], -(-shape[1] // block_size))
+    if lin.alpha_ob.shape != scales or lin.mu_ob.shape != scales:
+        raise ValueError(f"{name}: packed weight of shape {shape} has scales of shape {lin.alpha_ob.shape}, not "
+                         f"{scales}; the file does not belong to this config.json")
+    return dense_weight(*lin, block_size)

@@ -30,6 +30,7 @@ from tyr_jax.distributed import barrier, claim_directory, is_primary
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
+from tyr_jax.pruning.tyr import REFITS
 from tyr_jax.sharding import logical_sharding, put_batch, replicated, to_host
 
 
@@ -46,7 +47,7 @@ class SupernetConfig:
     attn_round_size: int = 1               # units per progressive round (Týr only)
     mlp_round_size: int = 16
     damp: float = 0.01
-    refit_damped: bool = True              # Týr's final refit with the damped H (ridge); False: exact least squares
+    refit: str = "towards_w0"              # Týr's final refit: towards_w0 (reference), towards_zero, exact (tyr.py)
     expectation: bool = True               # Eq. 5; False propagates the dense output
 
     def __post_init__(self):
@@ -57,12 +58,14 @@ class SupernetConfig:
         if self.num_levels < 1 or self.num_levels % 2 == 0:
             raise ValueError(f"num_levels must be odd and positive (levels centre ± k·step), got {self.num_levels}")
         get_pruner(self.method)
+        if self.refit not in REFITS:
+            raise ValueError(f"refit must be one of {', '.join(REFITS)}, got {self.refit!r}")
 
     def hparams(self, kind: str) -> dict:
         if self.method != "tyr":
             return {}
         return {"damp": self.damp, "round_size": self.attn_round_size if kind == "attn" else self.mlp_round_size,
-                "refit_damped": self.refit_damped}
+                "refit": self.refit}
 
 
 def level_removals(num_units: int, centre: float, step: float, num_levels: int, min_step: int) -> tuple[int, ...]:

@@ -49,6 +49,9 @@ class SupernetConfig:
     damp: float = 0.01
     refit: str = "towards_w0"              # Týr's final refit: towards_w0 (reference), towards_zero, exact (tyr.py)
     expectation: bool = True               # Eq. 5; False propagates the dense output
+    # FLAP, Wanda-sp, magnitude (a run config applies it): "dense" (as published: one level at the target,
+    # statistics of the dense model's activations) or "expectation" (the 9-level expectation stream, "+EA")
+    baseline_stream: str = "dense"
 
     def __post_init__(self):
         if not 0.0 <= self.target_sparsity <= 1.0:
@@ -58,6 +61,8 @@ class SupernetConfig:
         if self.num_levels < 1 or self.num_levels % 2 == 0:
             raise ValueError(f"num_levels must be odd and positive (levels centre ± k·step), got {self.num_levels}")
         get_pruner(self.method)
+        if self.baseline_stream not in ("dense", "expectation"):
+            raise ValueError(f"baseline_stream must be dense or expectation, got {self.baseline_stream!r}")
         if self.refit not in REFITS:
             raise ValueError(f"refit must be one of {', '.join(REFITS)}, got {self.refit!r}")
 
@@ -311,6 +316,10 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     attn_in, mlp_in = cfg.num_kv_heads * g * h, cfg.intermediate_size
     rope = llama.rope_tables(cfg, llama.default_positions(put_batch(chunks[0], mesh)))
     xs = [llama.embed(weights, put_batch(c, mesh)) for c in chunks]  # split over `data` (checked above)
+    done = next((i for i in range(cfg.num_layers) if not store.has_block(i)), cfg.num_layers)
+    if done and progress:
+        print(f"resuming supernet at block {done}/{cfg.num_layers}" if done < cfg.num_layers else
+              f"supernet complete ({done}/{done} blocks stored): replaying its propagation")
     bar = tqdm(range(cfg.num_layers), desc="supernet", unit="block", disable=not progress)
     for i in bar:
         start = time.perf_counter()

@@ -1,6 +1,7 @@
 """`tyr-jax prune` end to end on a tiny model: every stage runs, the export reloads, a re-run resumes."""
 
 import json
+import os
 import pathlib
 import re
 
@@ -194,6 +195,16 @@ def test_compare_methods_shares_only_a_finished_dense_evaluation(tmp_path):
     assert evaluation_finished(first / "no_tasks.json") and not evaluation_finished(first / "missing.json")
 
 
+def compare_plan(cfg_file, out):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_methods", pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    return compare.plan_runs([f"{cfg_file}:flap", f"{cfg_file}:flap+EA"], out, [])
+
+
 def test_compare_methods_runs_each_method_and_tabulates_them(tiny_hf_dir, tmp_path):
     """scripts/compare_methods.py: one run per method, one dense evaluation shared, one table."""
     import subprocess
@@ -208,22 +219,32 @@ supernet: {{target_sparsity: 0.5, min_step_channels: 4, mlp_round_size: 4}}
 eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
 """)
     out = tmp_path / "compare"
-    script = pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py"
+    root = pathlib.Path(__file__).parents[1]
+    script = root / "scripts" / "compare_methods.py"
+    # The script and the runs it starts import this checkout's package, wherever it is installed from.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
     run = subprocess.run([sys.executable, str(script), "--out", str(out), "--jobs", "1", "--set", "eval.max_tokens=256",
-                          f"{cfg_file}:uniform", f"{cfg_file}:magnitude"], capture_output=True, text=True)
+                          f"{cfg_file}:uniform", f"{cfg_file}:magnitude"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     first, second = (json.loads((out / f"run-{m}" / "dense_eval.json").read_text()) for m in ("uniform", "magnitude"))
     assert first == second
     table = (out / "table.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) == {"run", "dense", "run-uniform", "run-magnitude"}
+    assert "ood ppl (news)" in rows["run"]
     for name in ("run-uniform", "run-magnitude"):
         summary = json.loads((out / name / "summary.json").read_text())
         assert f"{summary['ppl']['pruned']:,.2f}" in rows[name]
+        assert f"{summary['ppl_ood']['pruned']:,.2f}" in rows[name]
+    # magnitude as published: one level at the target, no expectation stream; "+EA" names the variant.
+    assert json.loads((out / "run-magnitude" / "run_config.json").read_text())["supernet"]["num_levels"] == 1
+    plan = compare_plan(cfg_file, out)
+    assert [r["name"] for r in plan] == ["run-flap", "run-flap+EA"]
+    assert "supernet.baseline_stream=expectation" in plan[1]["command"]
     # Finished runs are skipped on a re-run; a bad spec is refused before anything runs.
     again = subprocess.run([sys.executable, str(script), "--out", str(out), f"{cfg_file}:uniform"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "skipped" in again.stdout
     bad = subprocess.run([sys.executable, str(script), "--out", str(out), f"{cfg_file}:pruneit"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "method 'pruneit' is unknown" in bad.stderr

@@ -115,8 +115,8 @@ def table(out: pathlib.Path) -> str:
         accs = [scores.get(t) for t in tasks]
         avg = [f"{sum(accs) / len(accs):.3f}" if None not in accs else ""] if tasks else []
         ood_cell = (["" if ood_ppl is None else f"{ood_ppl:,.2f}"] if ood else [])
-        cells = [name, f"{target:.0%}", kept, f"{ppl:,.2f}", *ood_cell, *("" if a is None else f"{a:.3f}" for a in accs),
-                 *avg, wall]
+        cells = [name, f"{target:.0%}", kept, f"{ppl:,.2f}", *ood_cell,
+                 *("" if a is None else f"{a:.3f}" for a in accs), *avg, wall]
         lines.append("| " + " | ".join(cells) + " |")
 
     def ood_of(s, which):   # runs from before eval.ood_corpus, or with it null, have none

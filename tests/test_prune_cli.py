@@ -44,7 +44,8 @@ mesh: {{data: 2, model: 2}}
     assert np.isfinite(np.asarray(llama.forward(exported.weights, tokens, exported.cfg))).all()
     # Out-of-domain perplexity (the default eval.ood_corpus, news) in the same windows, printed too.
     ood = summary["ppl_ood"]
-    assert ood["text"] == "news" and ood["tokens_scored"] == 32 * 31 and np.isfinite([ood["dense"], ood["pruned"]]).all()
+    assert ood["text"] == "news" and ood["tokens_scored"] == 32 * 31
+    assert np.isfinite([ood["dense"], ood["pruned"]]).all()
     assert "out-of-domain perplexity" in capsys.readouterr().out
     # A finished run re-run is returned as it is: nothing re-exported, its wall time kept.
     text, model_time = (out / "summary.json").read_text(), (out / "model" / "config.json").stat().st_mtime_ns
@@ -84,7 +85,8 @@ mesh: {{data: 1}}
     latin1.write_bytes("caf\xe9 ".encode("latin1") * 50)
     out = tmp_path / "run"
     for override, message in [(f"eval.corpus={empty}", "eval.corpus: .*contains no text"),
-                               (f"calibration.corpus={tmp_path / 'missing.txt'}", "calibration.corpus: .*does not exist"),
+                               (f"calibration.corpus={tmp_path / 'missing.txt'}",
+                                "calibration.corpus: .*does not exist"),
                                (f"eval.ood_corpus={latin1}", "eval.ood_corpus: .*not valid UTF-8.*null skips it"),
                                ("eval.seq_len=4096", "eval.corpus: No window of seq_len=4096"),
                                ("eval.tasks=piqa,arc_ez", "eval.tasks: unknown zero-shot task 'arc_ez'")]:

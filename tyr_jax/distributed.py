@@ -57,7 +57,8 @@ def claim_directory(root: pathlib.Path, fingerprint: dict, holds: str) -> None:
     except json.JSONDecodeError:
         raise ValueError(f"{meta} is corrupt; delete {root} to start again") from None
     if existing != fingerprint:
-        diff = "; ".join(f"{key}: stored {_show(a)}, requested {_show(b)}" for key, a, b in differences(existing, fingerprint))
+        diff = "; ".join(f"{key}: stored {_show(a)}, requested {_show(b)}"
+                         for key, a, b in differences(existing, fingerprint))
         raise ValueError(f"{root} holds {holds} with other settings ({diff}); use another output directory "
                          "or delete it to start again")
 

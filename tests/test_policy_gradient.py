@@ -230,7 +230,7 @@ def test_resume_after_an_interruption_gives_the_identical_result(weights, tmp_pa
     # A finished run is found finished; other settings are refused, not mixed in.
     again, _ = _learn(weights, tmp_path / "b", **gates)
     np.testing.assert_array_equal(np.asarray(again.mlp_lf), np.asarray(probs.mlp_lf))
-    with pytest.raises(ValueError, match=r"policy_gradient\.seed: stored 0, requested 1"):
+    with pytest.raises(ValueError, match=r"policy_gradient\.seed: stored 42, requested 1"):
         _learn(weights, tmp_path / "b", **gates, seed=1)
 
 
@@ -265,7 +265,7 @@ eval: {{corpus: {corpus}, ood_corpus: null, seq_len: 32, batch_size: 2}}
 @pytest.mark.parametrize("override, message", [
     ("policy_gradient.samples=1", "samples must be an integer >= 2"),
     ("policy_gradient.init=magnitude", "init must be one of wanda_sp, uniform"),
-    ("policy_gradient.prune_sublayers=maybe", "prune_sublayers must be true or false"),
+    ("policy_gradient.prune_sublayers=maybe", "policy_gradient.prune_sublayers: expected true or false, got 'maybe'"),
     ("policy_gradient.steps=0", "steps must be a positive integer"),
     ("policy_gradient.learning_rate=-1", "learning_rate must be positive"),
     ("policy_gradient.sublayer_init=0", "sublayer_init must be in"),

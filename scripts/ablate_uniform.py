@@ -2,7 +2,9 @@
 
 Compares, at the same per-sublayer sparsity and on the same calibration and evaluation tokens:
 Týr-local with expectation error accumulation (16 channels per MLP round, the paper's granularity, or
-16 rounds in all, the reference code's), Týr-local with dense propagation, Wanda-sp, FLAP and magnitude. Writes a JSON table and prints a Markdown one.
+16 rounds in all, the reference code's), Týr-local with dense propagation, Wanda-sp, FLAP and magnitude
+(as published: dense statistics, one level) and the same three fed the expectation stream ("+EA").
+Writes a JSON table and prints a Markdown one.
 
     python scripts/ablate_uniform.py --model smollm2-135m --sparsities 0.25,0.5 --out runs/ablation
 Pre-tokenized `--calib-tokens` / `--eval-tokens` (.npy) let it run where the corpora are not installed.
@@ -31,6 +33,10 @@ VARIANTS = {  # name → (method, supernet overrides); "mlp_rounds" becomes a ro
     "wanda_sp": ("wanda_sp", {}),
     "flap": ("flap", {}),
     "magnitude": ("magnitude", {}),
+    # The baselines above as published (dense statistics, one level); "+EA": fed Týr's expectation stream.
+    "wanda_sp+EA": ("wanda_sp", {"baseline_stream": "expectation"}),
+    "flap+EA": ("flap", {"baseline_stream": "expectation"}),
+    "magnitude+EA": ("magnitude", {"baseline_stream": "expectation"}),
 }
 
 

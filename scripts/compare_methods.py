@@ -14,8 +14,10 @@ is skipped; an unfinished one resumes, its evaluation too (`pruned_eval.json`).
         configs/smollm2-pbs2p.yaml configs/smollm2-pbs2p.yaml+pbs2p.n=5+pbs2p.variant=nm_then_binarize
     python scripts/compare_methods.py --out runs/compare        (no runs: the table of what is there)
 
-Writes OUT/table.md (held-out perplexity, zero-shot acc_norm per task and their mean, wall time; for
-PBS²P runs the bits per compressed weight of the packed file instead of the prunable parameters kept).
+Writes OUT/table.md (held-out and out-of-domain perplexity, zero-shot acc_norm per task and their mean, wall
+time; for PBS²P runs the bits per compressed weight of the packed file instead of the prunable parameters
+kept). FLAP, Wanda-sp and magnitude run as published (dense statistics, one level); `CONFIG:flap+EA` runs
+the variant fed Týr's expectation stream, under its own name.
 """
 
 from __future__ import annotations
@@ -34,15 +36,19 @@ from tyr_jax.runconfig import load_run_config
 
 
 def plan_runs(specs: list[str], out: pathlib.Path, overrides: list[str]) -> list[dict]:
-    """`config[:method][+key=value...]` → {name, dir, command}; the method defaults to the config's own,
-    and the `+key=value` overrides (this run's only) name the run too."""
+    """`config[:method][+EA][+key=value...]` → {name, dir, command}; the method defaults to the config's own.
+    `flap+EA` (also `wanda_sp+EA`, `magnitude+EA`) is that baseline fed Týr's expectation stream
+    (supernet.baseline_stream); the `+key=value` overrides (this run's only) name the run too."""
     runs = []
     for spec in specs:
         spec, *own = spec.split("+")
+        ea = [o for o in own if o == "EA"]
+        own = [o for o in own if o != "EA"]
         config, _, method = spec.partition(":")
-        extra = ([f"method={method}"] if method else []) + own
+        extra = ([f"method={method}"] if method else []) + (["supernet.baseline_stream=expectation"] if ea else [])
+        extra += own
         rc = load_run_config(config, extra + overrides)   # validates the config and the overrides now
-        name = "-".join([pathlib.Path(config).stem, rc.method, *own])
+        name = "-".join([pathlib.Path(config).stem, rc.label, *own])
         run_dir = out / name
         runs.append({"name": name, "dir": run_dir,
                      "command": [sys.executable, "-m", "tyr_jax.cli", "prune", "--config", config,
@@ -115,29 +121,40 @@ def table(out: pathlib.Path) -> str:
     if not summaries:
         return "(no finished runs)"
     tasks = sorted({t for s in summaries for t in s["zeroshot"]["pruned"]})
-    head = ["run", "target", "prunable kept", "held-out ppl", *tasks, *(["avg"] if tasks else []), "wall"]
+    ood = next((s["ppl_ood"] for s in summaries if s.get("ppl_ood")), None)
+    head = ["run", "target", "prunable kept", "held-out ppl", *([f"ood ppl ({ood['text']})"] if ood else []), *tasks,
+            *(["avg"] if tasks else []), "wall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def row(name, target, kept, ppl, scores, wall):
+    def row(name, target, kept, ppl, ood_ppl, scores, wall):
         accs = [scores.get(t) for t in tasks]
         avg = [f"{sum(accs) / len(accs):.3f}" if None not in accs else ""] if tasks else []
-        cells = [name, target, kept, f"{ppl:,.2f}", *("" if a is None else f"{a:.3f}" for a in accs), *avg, wall]
+        ood_cell = (["" if ood_ppl is None else f"{ood_ppl:,.2f}"] if ood else [])
+        cells = [name, target, kept, f"{ppl:,.2f}", *ood_cell, *("" if a is None else f"{a:.3f}" for a in accs),
+                 *avg, wall]
         lines.append("| " + " | ".join(cells) + " |")
+
+    def ood_of(s, which):   # runs from before eval.ood_corpus, or with it null, have none
+        return s["ppl_ood"][which] if s.get("ppl_ood") else None
 
     groups: dict = {}
     for s in summaries:
         groups.setdefault("pbs2p" if "pbs2p" in s else s["target_sparsity"], []).append(s)
     for group in groups.values():
         d = group[0]
-        row("dense", "0%", f"{d['params']['prunable_dense']:,}", d["ppl"]["dense"], d["zeroshot"]["dense"], "")
+        row("dense", "0%", f"{d['params']['prunable_dense']:,}", d["ppl"]["dense"], ood_of(d, "dense"),
+            d["zeroshot"]["dense"], "")
         for s in group:
             p = s["params"]
             kept = (f"{s['export']['bits_per_weight']['file']:.2f} bits/w" if "pbs2p" in s else
                     f"{p['prunable_pruned'] / p['prunable_dense']:.2%}")
-            row(s["name"], _target(s), kept, s["ppl"]["pruned"], s["zeroshot"]["pruned"], f"{s['wall_time_s']:.0f} s")
+            row(s["name"], _target(s), kept, s["ppl"]["pruned"], ood_of(s, "pruned"), s["zeroshot"]["pruned"],
+                f"{s['wall_time_s']:.0f} s")
     text = summaries[0]["ppl"]   # every run scores the same evaluation text
-    return "\n".join(lines) + f"\n\nperplexity: {text['text']}, windows of {text['seq_len']}, " \
-                              f"{text['tokens_scored']:,} tokens scored\n"
+    note = f"\n\nperplexity: {text['text']}, windows of {text['seq_len']}, {text['tokens_scored']:,} tokens scored"
+    if ood:
+        note += f"; out of domain: {ood['text']}, {ood['tokens_scored']:,} tokens scored"
+    return "\n".join(lines) + note + "\n"
 
 
 def main():

@@ -22,7 +22,7 @@ calibration: {{corpus: {corpus}, num_sequences: 4, seq_len: 32, batch_size: 2}}
 supernet: {{target_sparsity: 0.5, min_step_channels: 4, mlp_round_size: 4}}
 search: {{iterations: 1, generations: 1, offspring: 4, stage_candidates: [2, 1], stage_tokens: [32, 32, 64],
           top_k: 16, pool_sequences: 4, seq_len: 32, token_batch: 1, candidate_batch: 2}}
-eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
+eval: {{corpus: {corpus}, ood_corpus: null, seq_len: 32, batch_size: 2}}
 mesh: {{data: 1}}
 """)
     return str(cfg_file)

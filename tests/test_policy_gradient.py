@@ -3,6 +3,7 @@ Wanda-sp initialisation, whole-sublayer gates, learning, resume, the CLI and con
 
 import itertools
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -229,7 +230,7 @@ def test_resume_after_an_interruption_gives_the_identical_result(weights, tmp_pa
     # A finished run is found finished; other settings are refused, not mixed in.
     again, _ = _learn(weights, tmp_path / "b", **gates)
     np.testing.assert_array_equal(np.asarray(again.mlp_lf), np.asarray(probs.mlp_lf))
-    with pytest.raises(ValueError, match="different policy_gradient"):
+    with pytest.raises(ValueError, match=r"policy_gradient\.seed: stored 42, requested 1"):
         _learn(weights, tmp_path / "b", **gates, seed=1)
 
 
@@ -242,7 +243,7 @@ method: policy_gradient
 calibration: {{corpus: {corpus}, num_sequences: 4, seq_len: 32, batch_size: 2}}
 supernet: {{target_sparsity: 0.5}}
 policy_gradient: {{steps: 4, samples: 2, batch_size: 2, seq_len: 16, learning_rate: 0.05, checkpoint_every: 2}}
-eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
+eval: {{corpus: {corpus}, ood_corpus: null, seq_len: 32, batch_size: 2}}
 """)
     out = tmp_path / "run"
     assert main(["prune", "--config", str(cfg_file), "--out", str(out)]) == 0
@@ -264,7 +265,7 @@ eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
 @pytest.mark.parametrize("override, message", [
     ("policy_gradient.samples=1", "samples must be an integer >= 2"),
     ("policy_gradient.init=magnitude", "init must be one of wanda_sp, uniform"),
-    ("policy_gradient.prune_sublayers=maybe", "prune_sublayers must be true or false"),
+    ("policy_gradient.prune_sublayers=maybe", "policy_gradient.prune_sublayers: expected true or false, got 'maybe'"),
     ("policy_gradient.steps=0", "steps must be a positive integer"),
     ("policy_gradient.learning_rate=-1", "learning_rate must be positive"),
     ("policy_gradient.sublayer_init=0", "sublayer_init must be in"),
@@ -273,5 +274,6 @@ eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
 def test_bad_config_values_give_clear_errors(override, message, capsys):
     with pytest.raises(ValueError, match=message):
         load_run_config(None, ["method=policy_gradient", override])
-    assert main(["prune", "method=policy_gradient", override]) == 2
+    smoke = str(pathlib.Path(__file__).parents[1] / "configs" / "smoke.yaml")
+    assert main(["prune", "--config", smoke, "method=policy_gradient", override]) == 2
     assert "error" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """`tyr-jax prune` end to end on a tiny model: every stage runs, the export reloads, a re-run resumes."""
 
 import json
+import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from tyr_jax.loading import load_model
 from tyr_jax.models import llama
 
 
-def test_prune_runs_exports_and_resumes(tiny_hf_dir, tmp_path):
+def test_prune_runs_exports_and_resumes(tiny_hf_dir, tmp_path, capsys):
     model_dir, corpus = tiny_hf_dir
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(f"""
@@ -21,7 +23,7 @@ calibration: {{corpus: {corpus}, num_sequences: 4, seq_len: 32, batch_size: 2}}
 supernet: {{target_sparsity: 0.5, min_step_channels: 4, mlp_round_size: 4}}
 search: {{iterations: 2, generations: 2, offspring: 6, stage_candidates: [4, 2], stage_tokens: [64, 64, 128],
           top_k: 16, pool_sequences: 8, seq_len: 32, token_batch: 2, candidate_batch: 3}}
-eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
+eval: {{corpus: {corpus}, seq_len: 32, max_tokens: 1024, batch_size: 2}}
 mesh: {{data: 2, model: 2}}
 """)
     out = tmp_path / "run"
@@ -40,11 +42,82 @@ mesh: {{data: 2, model: 2}}
     assert exported.cfg.kv_groups == tuple(r["kv_groups_kept"] for r in summary["per_layer"])
     tokens = np.random.default_rng(0).integers(0, exported.cfg.vocab_size, (1, 16)).astype(np.int32)
     assert np.isfinite(np.asarray(llama.forward(exported.weights, tokens, exported.cfg))).all()
-    # A re-run finds every supernet block and search generation done and gives the same model.
+    # Out-of-domain perplexity (the default eval.ood_corpus, news) in the same windows, printed too.
+    ood = summary["ppl_ood"]
+    assert ood["text"] == "news" and ood["tokens_scored"] == 32 * 31
+    assert np.isfinite([ood["dense"], ood["pruned"]]).all()
+    assert "out-of-domain perplexity" in capsys.readouterr().out
+    # A finished run re-run is returned as it is: nothing re-exported, its wall time kept.
+    text, model_time = (out / "summary.json").read_text(), (out / "model" / "config.json").stat().st_mtime_ns
+    assert main(["prune", "--config", str(cfg_file), "--out", str(out)]) == 0
+    assert "already holds this run, finished" in capsys.readouterr().out
+    assert (out / "summary.json").read_text() == text
+    assert (out / "model" / "config.json").stat().st_mtime_ns == model_time
+    # Without its summary, a re-run finds every supernet block and search generation done, says so, and
+    # gives the same model.
+    (out / "summary.json").unlink()
     before = (out / "iteration_1" / "supernet" / "block_000").stat().st_mtime_ns
     assert main(["prune", "--config", str(cfg_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "supernet complete (2/2 blocks stored)" in printed
+    assert "resuming search (iteration 2) at generation 2/2" in printed
     assert (out / "iteration_1" / "supernet" / "block_000").stat().st_mtime_ns == before
     assert json.loads((out / "summary.json").read_text())["per_layer"] == summary["per_layer"]
+    # Stored work of other settings is refused before anything is written, naming what differs.
+    run_config = (out / "run_config.json").read_text()
+    assert main(["prune", "--config", str(cfg_file), "--out", str(out), "supernet.damp=0.1"]) == 2
+    assert "supernet.damp: stored 0.01, requested 0.1" in capsys.readouterr().err
+    assert (out / "run_config.json").read_text() == run_config
+
+
+def test_bad_inputs_fail_before_any_work_naming_the_key(tiny_hf_dir, tmp_path, capsys):
+    model_dir, corpus = tiny_hf_dir
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"""
+model: {model_dir}
+method: uniform
+calibration: {{corpus: {corpus}, num_sequences: 4, seq_len: 32, batch_size: 2}}
+eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
+mesh: {{data: 1}}
+""")
+    empty, latin1 = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_text("  \n")
+    latin1.write_bytes("caf\xe9 ".encode("latin1") * 50)
+    out = tmp_path / "run"
+    for override, message in [(f"eval.corpus={empty}", "eval.corpus: .*contains no text"),
+                               (f"calibration.corpus={tmp_path / 'missing.txt'}",
+                                "calibration.corpus: .*does not exist"),
+                               (f"eval.ood_corpus={latin1}", "eval.ood_corpus: .*not valid UTF-8.*null skips it"),
+                               ("eval.seq_len=4096", "eval.corpus: No window of seq_len=4096"),
+                               ("eval.tasks=piqa,arc_ez", "eval.tasks: unknown zero-shot task 'arc_ez'")]:
+        assert main(["prune", "--config", str(cfg_file), "--out", str(out), override]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), (override, err)
+        assert not out.exists()       # refused before anything was written
+
+
+def test_prune_requires_a_config(capsys):
+    assert main(["prune"]) == 2
+    err = capsys.readouterr().err
+    assert "--config is required" in err and "configs/smoke.yaml" in err and "quick" in err
+
+
+def test_config_values_are_checked_against_their_types():
+    from tyr_jax.runconfig import load_run_config
+
+    for override, message in [("search.generations=three", "search.generations: expected an integer, got 'three'"),
+                              ("supernet.damp=lots", "supernet.damp: expected a number, got 'lots'"),
+                              ("supernet.expectation=1", "supernet.expectation: expected true or false, got 1"),
+                              ("search.generations=2.5", "search.generations: expected an integer, got 2.5"),
+                              ("search.stage_tokens=[64,x,128]", r"search.stage_tokens\[1\]: expected an integer"),
+                              ("mesh.data=two", "mesh.data: expected an integer or null, got 'two'"),
+                              ("eval.corpus=7", "eval.corpus: expected a string, got 7")]:
+        with pytest.raises(ValueError, match=message):
+            load_run_config(None, [override])
+    rc = load_run_config(None, ["supernet.damp=1", "mesh.data=null", "eval.tasks=piqa,boolq",
+                                "search.stage_candidates=8,4", "eval.ood_corpus=null"])
+    assert rc.supernet.damp == 1.0 and isinstance(rc.supernet.damp, float) and rc.mesh.data is None
+    assert rc.eval.tasks == ("piqa", "boolq") and rc.search.stage_candidates == (8, 4) and rc.eval.ood_corpus is None
 
 
 def test_a_killed_evaluation_resumes_with_the_parts_not_yet_done(tmp_path, monkeypatch):
@@ -124,6 +197,16 @@ def test_compare_methods_shares_only_a_finished_dense_evaluation(tmp_path):
     assert evaluation_finished(first / "no_tasks.json") and not evaluation_finished(first / "missing.json")
 
 
+def compare_plan(cfg_file, out):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_methods", pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    return compare.plan_runs([f"{cfg_file}:flap", f"{cfg_file}:flap+EA"], out, [])
+
+
 def test_compare_methods_runs_each_method_and_tabulates_them(tiny_hf_dir, tmp_path):
     """scripts/compare_methods.py: one run per method, one dense evaluation shared, one table."""
     import subprocess
@@ -138,22 +221,32 @@ supernet: {{target_sparsity: 0.5, min_step_channels: 4, mlp_round_size: 4}}
 eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
 """)
     out = tmp_path / "compare"
-    script = pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py"
+    root = pathlib.Path(__file__).parents[1]
+    script = root / "scripts" / "compare_methods.py"
+    # The script and the runs it starts import this checkout's package, wherever it is installed from.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
     run = subprocess.run([sys.executable, str(script), "--out", str(out), "--jobs", "1", "--set", "eval.max_tokens=256",
-                          f"{cfg_file}:uniform", f"{cfg_file}:magnitude"], capture_output=True, text=True)
+                          f"{cfg_file}:uniform", f"{cfg_file}:magnitude"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     first, second = (json.loads((out / f"run-{m}" / "dense_eval.json").read_text()) for m in ("uniform", "magnitude"))
     assert first == second
     table = (out / "table.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) == {"run", "dense", "run-uniform", "run-magnitude"}
+    assert "ood ppl (news)" in rows["run"]
     for name in ("run-uniform", "run-magnitude"):
         summary = json.loads((out / name / "summary.json").read_text())
         assert f"{summary['ppl']['pruned']:,.2f}" in rows[name]
+        assert f"{summary['ppl_ood']['pruned']:,.2f}" in rows[name]
+    # magnitude as published: one level at the target, no expectation stream; "+EA" names the variant.
+    assert json.loads((out / "run-magnitude" / "run_config.json").read_text())["supernet"]["num_levels"] == 1
+    plan = compare_plan(cfg_file, out)
+    assert [r["name"] for r in plan] == ["run-flap", "run-flap+EA"]
+    assert "supernet.baseline_stream=expectation" in plan[1]["command"]
     # Finished runs are skipped on a re-run; a bad spec is refused before anything runs.
     again = subprocess.run([sys.executable, str(script), "--out", str(out), f"{cfg_file}:uniform"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "skipped" in again.stdout
     bad = subprocess.run([sys.executable, str(script), "--out", str(out), f"{cfg_file}:pruneit"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "method 'pruneit' is unknown" in bad.stderr

@@ -127,7 +127,8 @@ def test_search_is_deterministic_budget_exact_and_resumes(setup, tmp_path, monke
     np.testing.assert_array_equal(best, resumed)
     assert hist3 == hist
     # Other settings are refused, not resumed; more generations continue the same search.
-    with pytest.raises(ValueError, match="holds a search run with different search"):
+    refused = r"holds a search run with other settings \(search\.seed: stored 0, requested 1\)"
+    with pytest.raises(ValueError, match=refused):
         search.run_search(weights, CFG, plan, bank, pool, dataclasses.replace(SCFG, seed=1), tmp_path / "c",
                           progress=False)
     with pytest.raises(ValueError, match="more than search.generations"):

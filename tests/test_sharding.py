@@ -62,7 +62,7 @@ def test_mesh_section_is_validated_with_clear_errors():
     assert load_run_config(None, ["mesh.model=2"]).mesh.build().shape == {"data": 4, "model": 2}
     with pytest.raises(ValueError, match="mesh.data must be a positive integer"):
         load_run_config(None, ["mesh.data=0"])
-    with pytest.raises(ValueError, match="mesh.model must be a positive integer"):
+    with pytest.raises(ValueError, match="mesh.model: expected an integer, got True"):
         load_run_config(None, ["mesh.model=true"])
     with pytest.raises(ValueError, match="unknown config key.*mesh.size"):
         load_run_config(None, ["mesh.size=2"])

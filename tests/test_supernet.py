@@ -169,7 +169,8 @@ def test_cli_supernet_builds_resumes_and_refuses(tiny_hf_dir, tmp_path, capsys):
     assert (out / "supernet" / "block_001").stat().st_mtime_ns == first
     capsys.readouterr()
     assert main(["supernet", "--config", str(cfg_file), "--out", str(out), "supernet.target_sparsity=0.25"]) == 2
-    assert "different levels, supernet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "supernet.target_sparsity: stored 0.5, requested 0.25" in err and "levels.attn" in err
     assert main(["supernet", "--config", str(cfg_file), "--out", str(out), "supernet.bogus=1"]) == 2
     assert main(["supernet", "--config", str(tmp_path / "missing.yaml")]) == 2
 
@@ -184,3 +185,49 @@ def test_calibration_batches_refuse_uneven_batches_and_pruned_models():
     pruned = CFG.with_layer_sizes([2, 3, 3], [40, 20, 40])
     with pytest.raises(ValueError, match="built from the dense model"):
         sn.calibration_batches(pruned, _calib(n=8), 4)
+
+
+def test_baselines_take_one_level_of_statistics_from_dense_activations(tmp_path):
+    """method=flap (as published): one copy at the target, fitted to the dense model's activations; block 1's
+    copies equal FLAP run directly on statistics of the dense block 0's output."""
+    from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
+    from tyr_jax.runconfig import RunConfig
+
+    base = sn.SupernetConfig(target_sparsity=0.5, min_step_channels=4)
+    scfg = RunConfig(method="flap", supernet=base).supernet
+    assert (scfg.method, scfg.num_levels, scfg.expectation) == ("flap", 1, False)
+    plan = sn.LevelPlan.centred(CFG, scfg)
+    calib = _calib()
+    store = sn.SupernetStore(tmp_path / "flap", sn.fingerprint(CFG, scfg, plan, calib, "tiny", jnp.float32))
+    sn.build_supernet(_model(), CFG, calib, scfg, plan, store, batch_size=4, progress=False)
+
+    weights = _model()
+    blk = weights.blocks[1]
+    attn_stats, mlp_stats = SublayerStats.zeros(24), SublayerStats.zeros(40)
+    for start in (0, 4):
+        x = llama.embed(weights, jnp.asarray(calib[start: start + 4]))
+        rope = llama.rope_tables(CFG, llama.default_positions(x[..., 0]))
+        x1 = llama.block(weights.blocks[0], x, CFG, rope)          # the dense model's block-1 input
+        ctx = llama.attention_context(blk.attn, x1, CFG, rope)
+        attn_stats = accumulate_stats(attn_stats, ctx.reshape(-1, 24))
+        mid = x1 + llama.attention(blk.attn, x1, CFG, rope)
+        mlp_stats = accumulate_stats(mlp_stats, llama.mlp_hidden(blk.mlp, mid, CFG).reshape(-1, 40))
+    flap = get_pruner("flap")
+    want = {"attn": flap(blk.attn.o_kghd.reshape(-1, 24), attn_stats, unit_size=8, removals=plan.attn[1]),
+            "mlp": flap(blk.mlp.down_fd, mlp_stats, unit_size=1, removals=plan.mlp[1])}
+    stored = store.load_block(1)
+    for kind, unit in (("attn", 8), ("mlp", 1)):
+        got = stored[kind]["level_0"]
+        np.testing.assert_array_equal(got["keep"], np.asarray(want[kind].keep_eu[0]))
+        rows = np.repeat(got["keep"], unit)
+        np.testing.assert_allclose(got["w"], np.asarray(want[kind].w_eio[0])[rows], atol=1e-5)
+        np.testing.assert_allclose(got["bias"], np.asarray(want[kind].bias_eo[0]), atol=1e-5)
+
+    # The "+EA" variant keeps Týr's 9 levels and expectation stream, under its own label.
+    ea = RunConfig(method="flap", supernet=dataclasses.replace(base, baseline_stream="expectation"))
+    assert (ea.supernet.num_levels, ea.supernet.expectation, ea.label) == (9, True, "flap+EA")
+    assert RunConfig(method="flap").label == "flap"
+    uniform = RunConfig(method="uniform", supernet=base).supernet      # Týr's own centre copies: unchanged
+    assert (uniform.num_levels, uniform.expectation) == (9, True)
+    with pytest.raises(ValueError, match="baseline_stream"):
+        sn.SupernetConfig(baseline_stream="sparse")

@@ -9,12 +9,15 @@ from tyr_jax.pruning import accumulate_stats, get_pruner
 from tyr_jax.pruning.base import SublayerStats
 
 
-def reference(w0, h, unit, removals, damp=0.01, round_size=1):
-    """Plain loops: score, remove the lowest `round_size` units, OBS-update, repeat; refit each level."""
+def reference(w0, h, unit, removals, damp=0.01, round_size=1, refit="towards_w0"):
+    """Plain loops: score, remove the lowest `round_size` units, OBS-update, repeat; refit each level.
+
+    towards_w0 (the reference code): H is damped in place before G = H_d W₀ is computed, so the score and
+    the refit see G = H_d W₀; towards_zero: G = H W₀ from the undamped H (both refit with H_d)."""
     d_in = w0.shape[0]
     num_units = d_in // unit
-    g = h @ w0
     hd = h + (damp * np.mean(np.diag(h)) + 1e-10) * np.eye(d_in)
+    g = (hd if refit == "towards_w0" else h) @ w0
     hinv = np.linalg.inv(hd)
     w = w0.copy()
     alive = np.ones(num_units, bool)
@@ -55,19 +58,21 @@ def _problem(d_in=24, d_out=7, tokens=200, seed=0, dead=()):
     return x, w
 
 
+@pytest.mark.parametrize("refit", ["towards_w0", "towards_zero"])
 @pytest.mark.parametrize("unit, removals, round_size", [
     (1, (0, 3, 6, 12, 24), 1),
     (1, (5, 10, 20), 4),
     (4, (0, 1, 2, 3, 6), 1),
     (6, (4, 2, 2, 0), 1),
 ])
-def test_matches_numpy_float64_reference(unit, removals, round_size):
+def test_matches_numpy_float64_reference(unit, removals, round_size, refit):
     x, w = _problem(dead=(3,))
     stats = accumulate_stats(SublayerStats.zeros(x.shape[1]), jnp.asarray(x, jnp.float32))
-    prune = jax.jit(get_pruner("tyr"), static_argnames=("unit_size", "removals", "round_size"))
-    out = prune(jnp.asarray(w, jnp.float32), stats, unit_size=unit, removals=removals, round_size=round_size)
+    prune = jax.jit(get_pruner("tyr"), static_argnames=("unit_size", "removals", "round_size", "refit"))
+    out = prune(jnp.asarray(w, jnp.float32), stats, unit_size=unit, removals=removals, round_size=round_size,
+                refit=refit)
     h = np.asarray(stats.hessian_ii, np.float64)
-    keep_ref, w_ref = reference(w, h, unit, removals, round_size=round_size)
+    keep_ref, w_ref = reference(w, h, unit, removals, round_size=round_size, refit=refit)
     np.testing.assert_array_equal(np.asarray(out.keep_eu), keep_ref)
     np.testing.assert_allclose(np.asarray(out.w_eio), w_ref, rtol=1e-4, atol=1e-4 * np.abs(w_ref).max())
 
@@ -85,12 +90,43 @@ def test_dead_channels_go_first_and_refit_is_least_squares():
     assert err(np.asarray(out.w_eio[1])[k]) <= err(w_ls) * 1.01
 
 
-def test_refit_is_ridge_by_default_and_exact_least_squares_when_asked():
+def test_the_default_refit_keeps_the_dense_weights_at_0_percent():
+    # towards_w0 solves (H_d) W = H_d W₀ when nothing is removed: W₀ back (bit for bit, as the refit solves
+    # for the correction to W₀; the test asks fp32 precision).
+    x, w = _problem(d_in=32, d_out=9, seed=4)
+    stats = accumulate_stats(SublayerStats.zeros(32), jnp.asarray(x, jnp.float32))
+    w32 = np.asarray(w, np.float32)
+    out = get_pruner("tyr")(jnp.asarray(w32), stats, unit_size=4, removals=(0, 2))
+    np.testing.assert_allclose(np.asarray(out.w_eio[0]), w32, rtol=0, atol=1e-5 * np.abs(w32).max())
+    shrunk = get_pruner("tyr")(jnp.asarray(w32), stats, unit_size=4, removals=(0,), refit="towards_zero")
+    assert np.abs(np.asarray(shrunk.w_eio[0]) - w32).max() > 1e-3 * np.abs(w32).max()
+    with pytest.raises(ValueError, match="refit must be one of"):
+        get_pruner("tyr")(jnp.asarray(w32), stats, unit_size=4, removals=(0,), refit="ridge")
+
+
+def test_towards_w0_refit_is_ridge_regression_towards_the_dense_weights():
+    # W_K = argmin ‖X_K W_K − X W₀‖² + λ‖W_K − W₀_K‖², λ = damp · mean(diag H) (ALGORITHMS.md §1.1 step 5),
+    # solved here in float64 by stacking the penalty under the least-squares rows.
     x, w = _problem(dead=(5,))
     stats = accumulate_stats(SublayerStats.zeros(x.shape[1]), jnp.asarray(x, jnp.float32))
-    prune = jax.jit(get_pruner("tyr"), static_argnames=("unit_size", "removals", "refit_damped"))
-    exact = prune(jnp.asarray(w, jnp.float32), stats, unit_size=1, removals=(1, 8), refit_damped=False)
-    ridge = prune(jnp.asarray(w, jnp.float32), stats, unit_size=1, removals=(1, 8))
+    out = get_pruner("tyr")(jnp.asarray(w, jnp.float32), stats, unit_size=1, removals=(1, 8))
+    h = np.asarray(stats.hessian_ii, np.float64)
+    lam = 0.01 * np.mean(np.diag(h)) + 1e-10
+    for e in range(2):
+        k = np.asarray(out.keep_eu[e])
+        a = np.concatenate([x[:, k], np.sqrt(lam) * np.eye(k.sum())])
+        b = np.concatenate([x @ w, np.sqrt(lam) * w[k]])
+        w_ridge = np.linalg.lstsq(a, b, rcond=None)[0]
+        np.testing.assert_allclose(np.asarray(out.w_eio[e])[k], w_ridge, rtol=1e-4,
+                                   atol=1e-4 * np.abs(w_ridge).max())
+
+
+def test_refit_towards_zero_shrinks_and_exact_is_least_squares():
+    x, w = _problem(dead=(5,))
+    stats = accumulate_stats(SublayerStats.zeros(x.shape[1]), jnp.asarray(x, jnp.float32))
+    prune = jax.jit(get_pruner("tyr"), static_argnames=("unit_size", "removals", "refit"))
+    exact = prune(jnp.asarray(w, jnp.float32), stats, unit_size=1, removals=(1, 8), refit="exact")
+    ridge = prune(jnp.asarray(w, jnp.float32), stats, unit_size=1, removals=(1, 8), refit="towards_zero")
     np.testing.assert_array_equal(np.asarray(exact.keep_eu), np.asarray(ridge.keep_eu))  # same selection
     for e in range(2):
         k = np.asarray(exact.keep_eu[e])

@@ -87,7 +87,7 @@ def _add_supernet(sub):
 
 
 def _add_run_args(p, example: str):
-    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
+    p.add_argument("--config", default=None, help="YAML run config (required; see configs/, e.g. configs/smoke.yaml)")
     p.add_argument("--out", default=None, help="output directory (overrides the config's out)")
     p.add_argument("--distributed", action="store_true",
                    help="one process of several (hosts): call jax.distributed.initialize first; the cluster "
@@ -99,9 +99,19 @@ def _add_run_args(p, example: str):
     p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
 
 
+def _shipped_configs() -> list[str]:
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    return sorted(f"configs/{p.name}" for p in root.glob("*.yaml"))
+
+
 def _run_config(args):
     """Starts the distributed runtime if asked (before anything touches a device), then reads the config."""
     from tyr_jax.runconfig import load_run_config
+
+    if args.config is None:
+        raise ValueError(f"--config is required: a run is hours on CPU at the full protocol. Shipped configs: "
+                         f"{', '.join(_shipped_configs()) or '(none found)'}; configs/smoke.yaml is the quick one "
+                         "(a few minutes on 2 CPU cores)")
 
     if args.distributed:
         from tyr_jax.distributed import initialize
@@ -144,8 +154,11 @@ def cmd_prune(args):
               f"{e['dense_file_bytes'] / 2**20:.1f} MiB dense; "
               f"perplexity {s['ppl']['dense']:.3f} → {s['ppl']['pruned']:.3f} on {s['ppl']['text']}")
     else:
-        print(f"{rc.method}: {p['prunable_pruned'] / p['prunable_dense']:.1%} of the prunable parameters kept; "
+        print(f"{rc.label}: {p['prunable_pruned'] / p['prunable_dense']:.1%} of the prunable parameters kept; "
               f"perplexity {s['ppl']['dense']:.3f} → {s['ppl']['pruned']:.3f} on {s['ppl']['text']}")
+    if s.get("ppl_ood"):
+        print(f"out-of-domain perplexity {s['ppl_ood']['dense']:.3f} → {s['ppl_ood']['pruned']:.3f} "
+              f"on {s['ppl_ood']['text']}")
     for task, acc in s["zeroshot"]["pruned"].items():
         print(f"{task:>14}: acc_norm {s['zeroshot']['dense'][task]:.4f} → {acc:.4f}")
     print(f"wrote {rc.out}/model, {rc.out}/summary.json")

@@ -57,6 +57,25 @@ def claim_directory(root: pathlib.Path, fingerprint: dict, holds: str) -> None:
     except json.JSONDecodeError:
         raise ValueError(f"{meta} is corrupt; delete {root} to start again") from None
     if existing != fingerprint:
-        diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
-        raise ValueError(f"{root} holds {holds} with different {', '.join(diff)}; use another output directory "
+        diff = "; ".join(f"{key}: stored {_show(a)}, requested {_show(b)}"
+                         for key, a, b in differences(existing, fingerprint))
+        raise ValueError(f"{root} holds {holds} with other settings ({diff}); use another output directory "
                          "or delete it to start again")
+
+
+_MISSING = object()
+
+
+def differences(stored, requested, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, stored, requested) of every leaf where two JSON trees differ, nested dicts descended."""
+    if isinstance(stored, dict) and isinstance(requested, dict):
+        out = []
+        for k in sorted(set(stored) | set(requested)):
+            out += differences(stored.get(k, _MISSING), requested.get(k, _MISSING), f"{prefix}{k}.")
+        return out
+    return [] if stored == requested else [(prefix.rstrip("."), stored, requested)]
+
+
+def _show(value, limit: int = 60) -> str:
+    text = "(absent)" if value is _MISSING else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

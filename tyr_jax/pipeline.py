@@ -16,11 +16,11 @@ import numpy as np
 from tyr_jax import binarization, plots, search
 from tyr_jax.binarization.packed import export_binary
 from tyr_jax.data import corpora, sampler
-from tyr_jax.distributed import is_primary
+from tyr_jax.distributed import claim_directory, is_primary
 from tyr_jax.evaluation import zeroshot
 from tyr_jax.evaluation.perplexity import perplexity
 from tyr_jax.export import export_model
-from tyr_jax.loading import LoadedModel, load_model
+from tyr_jax.loading import LoadedModel, load_model, load_tokenizer
 from tyr_jax.models import llama
 from tyr_jax.pruning import policy_gradient
 from tyr_jax.runconfig import CalibrationConfig, RunConfig, to_dict
@@ -38,9 +38,49 @@ def calibration_tokens(tokenizer, ccfg: CalibrationConfig) -> np.ndarray:
     return sampler.sample_windows(tokens, ccfg.num_sequences, ccfg.seq_len, key=jax.random.key(ccfg.seed))
 
 
-def eval_windows(tokenizer, rc: RunConfig) -> np.ndarray:
-    tokens = sampler.tokenize(tokenizer, corpora.load_text(rc.eval.corpus))
+def eval_windows(tokenizer, rc: RunConfig, corpus: str | None = None) -> np.ndarray:
+    """Windows of `rc.eval.seq_len` of the evaluation text (`corpus`, default `rc.eval.corpus`)."""
+    tokens = sampler.tokenize(tokenizer, corpora.load_text(rc.eval.corpus if corpus is None else corpus))
     return sampler.token_windows(tokens, rc.eval.seq_len, rc.eval.max_tokens)
+
+
+_CORPUS_FIX = (f"use a built-in corpus ({', '.join(corpora.BUILTIN_CORPORA)}) or a readable, non-empty UTF-8 "
+               "text file")
+
+
+def _checked(key: str, fix: str, fn):
+    """fn(), with any error it raises about its input reported as a ValueError naming the config key."""
+    try:
+        return fn()
+    except (OSError, ValueError, ImportError) as e:
+        raise ValueError(f"{key}: {e} ({fix})") from None
+
+
+def prepare_inputs(rc: RunConfig, tokenizer) -> dict:
+    """Reads, tokenizes and cuts every text a run needs, and loads its zero-shot tasks, before any work: a
+    bad corpus or task name fails in seconds, naming its config key. Returns {"calib", "eval", "ood"
+    (None when eval.ood_corpus is null), "calib_stream"}."""
+    if tokenizer is None:
+        raise ValueError(f"{rc.model} has no tokenizer; calibration and evaluation text cannot be tokenized")
+    ccfg = rc.calibration
+    stream = _checked("calibration.corpus", _CORPUS_FIX,
+                      lambda: sampler.tokenize(tokenizer, corpora.load_text(ccfg.corpus)))
+    need = max(ccfg.seq_len, rc.search.seq_len if rc.searches else 0,
+               rc.policy_gradient.seq_len if rc.method == "policy_gradient" else 0) + 1
+    if len(stream) < need:
+        raise ValueError(f"calibration.corpus: {ccfg.corpus!r} has {len(stream)} tokens, fewer than the "
+                         f"{need} a window needs (calibration.seq_len, search.seq_len); use a longer text")
+    calib = sampler.sample_windows(stream, ccfg.num_sequences, ccfg.seq_len, key=jax.random.key(ccfg.seed))
+    fix_eval = _CORPUS_FIX + ", or lower eval.seq_len"
+    windows = _checked("eval.corpus", fix_eval, lambda: eval_windows(tokenizer, rc))
+    ood = None
+    if rc.eval.ood_corpus is not None:
+        ood = _checked("eval.ood_corpus", fix_eval + "; null skips it",
+                       lambda: eval_windows(tokenizer, rc, rc.eval.ood_corpus))
+    for task in rc.eval.tasks:
+        _checked("eval.tasks", f"choose from {', '.join(zeroshot.TASKS)}",
+                 lambda task=task: zeroshot.load_task(task, limit=rc.eval.limit))
+    return {"calib": calib, "eval": windows, "ood": ood, "calib_stream": stream}
 
 
 def build_mesh(rc: RunConfig):
@@ -108,16 +148,21 @@ def prunable_params(weights) -> int:
 
 
 def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, mesh, path: pathlib.Path,
-              key: dict) -> dict:
-    """Perplexity and zero-shot accuracy of weights placed on `mesh` (batches split over `data` where
-    they divide). Each part (perplexity, then every task) is saved to `path` under `key` as it finishes,
-    so a re-run skips the parts already done: a killed evaluation resumes, a finished one is read back."""
+              key: dict, ood_windows=None) -> dict:
+    """Perplexity (held-out, then out-of-domain on `ood_windows` when given) and zero-shot accuracy of
+    weights placed on `mesh` (batches split over `data` where they divide). Each part (perplexity, the
+    out-of-domain one, then every task) is saved to `path` under `key` as it finishes, so a re-run skips
+    the parts already done: a killed evaluation resumes, a finished one is read back."""
     result = load_keyed(path, key) or {}
-    if "ppl" not in result:
-        split = rc.eval.batch_size % data_size(mesh) == 0
-        stats = perplexity(weights, cfg, windows, batch_size=rc.eval.batch_size, progress=progress,
+    split = rc.eval.batch_size % data_size(mesh) == 0
+    parts = [("", windows)] + ([("_ood", ood_windows)] if ood_windows is not None else [])
+    for suffix, part in parts:
+        if f"ppl{suffix}" in result:
+            continue
+        stats = perplexity(weights, cfg, part, batch_size=rc.eval.batch_size, progress=progress,
                            data_sharding=batch_sharding(mesh) if split else replicated(mesh))
-        result.update(ppl=stats["ppl"], tokens_scored=stats["tokens_scored"], seq_len=stats["seq_len"])
+        result.update({f"ppl{suffix}": stats["ppl"], f"tokens_scored{suffix}": stats["tokens_scored"],
+                       f"seq_len{suffix}": stats["seq_len"]})
         save_keyed(path, key, result)
     if rc.eval.tasks:
         logprobs = jax.jit(lambda w, tok, tgt: llama.token_logprobs(w, tok, tgt, cfg))
@@ -133,12 +178,14 @@ def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, m
 
 def evaluation_finished(path: pathlib.Path) -> bool:
     """Whether the evaluation `_evaluate` saved at `path` holds every part its key asks for (perplexity,
-    each task); it is written part by part, so a file may hold only some."""
+    the out-of-domain one, each task); it is written part by part, so a file may hold only some."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return "ppl" in saved["value"] and set(saved["key"]["eval"]["tasks"]) <= set(saved["value"].get("zeroshot", {}))
+    value, asked = saved["value"], saved["key"]["eval"]
+    return ("ppl" in value and (asked.get("ood_corpus") is None or "ppl_ood" in value)
+            and set(asked["tasks"]) <= set(value.get("zeroshot", {})))
 
 
 def weights_sha256(tree) -> str:
@@ -168,18 +215,26 @@ def save_keyed(path: pathlib.Path, key: dict, value) -> None:
         tmp.replace(path)
 
 
-def _supernet_and_search(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: pathlib.Path,
-                         progress: bool):
+def _supernet_store(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path, t: int = 0,
+                    centres=(None, None)):
+    """The supernet store of iteration `t` (Δ halved t times, levels around `centres`), claimed: one built
+    with other settings is refused here. Returns (store, its SupernetConfig, its plan)."""
+    scfg = dataclasses.replace(rc.supernet, step=search.step_for_iteration(rc.supernet.step, t))
+    plan = LevelPlan.centred(model.cfg, scfg, *centres)
+    store = SupernetStore(out / f"iteration_{t}" / "supernet",
+                          fingerprint(model.cfg, scfg, plan, calib, rc.model, model.weights.embed_vd.dtype))
+    return store, scfg, plan
+
+
+def _supernet_and_search(rc: RunConfig, model: LoadedModel, calib: np.ndarray, stream: np.ndarray, mesh,
+                         out: pathlib.Path, progress: bool):
     """Týr (ALGORITHMS.md §1.2-1.4): per iteration a supernet around the previous best distribution, then
     the search; without search, every sublayer's centre copy. Returns (weights, config, fitness history)."""
     cfg, dtype, num_levels = model.cfg, model.weights.embed_vd.dtype, rc.supernet.num_levels
     centres, history, pool = (None, None), [], None
     iterations = rc.search.iterations if rc.searches else 1
     for t in range(iterations):
-        scfg = dataclasses.replace(rc.supernet, step=search.step_for_iteration(rc.supernet.step, t))
-        plan = LevelPlan.centred(cfg, scfg, *centres)
-        store = SupernetStore(out / f"iteration_{t}" / "supernet",
-                              fingerprint(cfg, scfg, plan, calib, rc.model, dtype))
+        store, scfg, plan = _supernet_store(rc, model, calib, out, t, centres)
         print(f"iteration {t + 1}/{iterations}: supernet with Δ = {scfg.step:.4%}")
         build_supernet(model.weights, cfg, calib, scfg, plan, store, batch_size=rc.calibration.batch_size,
                        progress=progress, mesh=mesh)
@@ -187,8 +242,7 @@ def _supernet_and_search(rc: RunConfig, model: LoadedModel, calib: np.ndarray, m
         if rc.searches:
             if pool is None:
                 pool_tokens = sampler.sample_windows(
-                    sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus)),
-                    rc.search.pool_sequences, rc.search.seq_len, key=jax.random.key(rc.calibration.seed + 1))
+                    stream, rc.search.pool_sequences, rc.search.seq_len, key=jax.random.key(rc.calibration.seed + 1))
                 pool = search.FitnessPool(model.weights, cfg, pool_tokens, rc.search, mesh=mesh, progress=progress)
             bank = search.load_bank(store, cfg, num_levels, dtype, mesh)
             best, hist = search.run_search(model.weights, cfg, plan, bank, pool, rc.search,
@@ -200,11 +254,16 @@ def _supernet_and_search(rc: RunConfig, model: LoadedModel, calib: np.ndarray, m
     return weights, pruned_cfg, history
 
 
-def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: pathlib.Path,
-                     progress: bool):
+def _policy_gradient_fingerprint(rc: RunConfig, cfg) -> dict:
+    return policy_gradient.state_fingerprint(cfg, rc.policy_gradient, rc.supernet.target_sparsity,
+                                             {"model": rc.model, "dtype": rc.dtype,
+                                              "calibration": to_dict(rc.calibration)})
+
+
+def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, stream: np.ndarray, mesh,
+                     out: pathlib.Path, progress: bool):
     """Keep-probabilities learned on the calibration corpus (ALGORITHMS.md §2; resumable under
     OUT/policy_gradient) on the run's mesh, top-k per pool, sliced. Returns (weights, config, report)."""
-    stream = sampler.tokenize(model.tokenizer, corpora.load_text(rc.calibration.corpus))
     return policy_gradient.prune(model.weights, model.cfg, stream, rc.policy_gradient, rc.supernet.target_sparsity,
                                  out / "policy_gradient", calib_bt=calib, calib_batch_size=rc.calibration.batch_size,
                                  fingerprint={"model": rc.model, "dtype": rc.dtype,
@@ -212,12 +271,17 @@ def _policy_gradient(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh,
                                  mesh=mesh, progress=progress)
 
 
+def _pbs2p_store(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path):
+    """The PBS²P store under OUT/pbs2p, claimed: one built with other settings is refused here."""
+    return binarization.Pbs2pStore(out / "pbs2p", binarization.compress.fingerprint(
+        model.cfg, rc.pbs2p, calib, rc.model, model.weights.embed_vd.dtype))
+
+
 def _pbs2p(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: pathlib.Path, progress: bool):
     """Every linear binarized with N:M sparsity (ALGORITHMS.md §3; resumable under OUT/pbs2p).
     Returns (weights with the binary reconstructions, config, report, (packed blocks, export meta))."""
     pcfg = rc.pbs2p
-    store = binarization.Pbs2pStore(out / "pbs2p", binarization.compress.fingerprint(
-        model.cfg, pcfg, calib, rc.model, model.weights.embed_vd.dtype))
+    store = _pbs2p_store(rc, model, calib, out)
     weights, packed_layers, ns = binarization.compress_model(
         model.weights, model.cfg, calib, pcfg, store, batch_size=rc.calibration.batch_size, progress=progress,
         mesh=mesh)
@@ -226,26 +290,53 @@ def _pbs2p(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: path
     return weights, model.cfg, meta | {"kept_fraction": kept}, (packed_layers, meta)
 
 
+def finished_summary(rc: RunConfig) -> dict | None:
+    """The summary.json of a finished run of this very config (the mesh aside: it does not change the
+    result), or None."""
+    try:
+        summary = json.loads((pathlib.Path(rc.out) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = lambda c: {k: v for k, v in c.items() if k != "mesh"}  # noqa: E731
+    stored = summary.get("config")
+    return summary if isinstance(stored, dict) and same(stored) == same(json.loads(json.dumps(to_dict(rc)))) else None
+
+
 def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     """Calibration → pruning (`rc.method`) → export → evaluation on the mesh of `rc.mesh`; resumable.
-    With several processes every one runs this; process 0 writes the files."""
+    With several processes every one runs this; process 0 writes the files.
+
+    Every input (corpora, zero-shot tasks) is checked before any work; a stored supernet or
+    policy-gradient state built with other settings is refused before anything is written; a finished
+    run of the same config is returned as it is (nothing re-exported, its wall time kept)."""
     start = time.perf_counter()
     mesh = build_mesh(rc)
     out = pathlib.Path(rc.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "run_config.json", to_dict(rc))
+    done = finished_summary(rc)
+    if done is not None:
+        print(f"{out} already holds this run, finished: {out / 'summary.json'} (delete it to run again)")
+        return done
+    inputs = prepare_inputs(rc, load_tokenizer(rc.model))
     model = load_model(rc.model, dtype=model_dtype(rc), shardings=lambda w: weight_shardings(w, mesh))
-    if model.tokenizer is None:
-        raise ValueError(f"{rc.model} has no tokenizer; calibration and evaluation text cannot be tokenized")
-    cfg = model.cfg
-    calib = calibration_tokens(model.tokenizer, rc.calibration)
+    cfg, calib, stream = model.cfg, inputs["calib"], inputs["calib_stream"]
+    # Refuse stored work of other settings before writing anything (the first stage's directory; later
+    # iterations and searches depend on earlier results and are checked when they start).
+    if rc.method == "policy_gradient":
+        claim_directory((out / "policy_gradient").absolute(), _policy_gradient_fingerprint(rc, cfg),
+                        "a policy-gradient run")
+    elif rc.method == "pbs2p":
+        _pbs2p_store(rc, model, calib, out)
+    else:
+        _supernet_store(rc, model, calib, out)
+    write_json(out / "run_config.json", to_dict(rc))
     extra, history, binary = {}, [], None
     if rc.method == "policy_gradient":
-        weights, pruned_cfg, extra["policy_gradient"] = _policy_gradient(rc, model, calib, mesh, out, progress)
+        weights, pruned_cfg, extra["policy_gradient"] = _policy_gradient(rc, model, calib, stream, mesh, out,
+                                                                         progress)
     elif rc.method == "pbs2p":
         weights, pruned_cfg, extra["pbs2p"], binary = _pbs2p(rc, model, calib, mesh, out, progress)
     else:
-        weights, pruned_cfg, history = _supernet_and_search(rc, model, calib, mesh, out, progress)
+        weights, pruned_cfg, history = _supernet_and_search(rc, model, calib, stream, mesh, out, progress)
     weights = place(weights, mesh)
     # The run owns OUT/model: a resumed run rewrites the same model (gathered by all, written by one).
     host_weights = jax.tree.map(to_host, weights)
@@ -255,32 +346,36 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
                                overwrite=True)
     elif is_primary():
         report = export_model(host_weights, pruned_cfg, out / "model", tokenizer=model.tokenizer, overwrite=True)
-    windows = eval_windows(model.tokenizer, rc)
+    windows, ood = inputs["eval"], inputs["ood"]
     eval_key = {"model": rc.model, "dtype": rc.dtype, "eval": to_dict(rc.eval)}
     dense = _evaluate(model.weights, cfg, model.tokenizer, rc, windows, progress, mesh, out / "dense_eval.json",
-                      eval_key)
+                      eval_key, ood)
     pruned = _evaluate(weights, pruned_cfg, model.tokenizer, rc, windows, progress, mesh, out / "pruned_eval.json",
-                       eval_key | {"weights_sha256": weights_sha256(host_weights)})
+                       eval_key | {"weights_sha256": weights_sha256(host_weights)}, ood)
     per_layer = [{"layer": i, "kv_groups_kept": int(pruned_cfg.layer_kv_groups(i)),
                   "mlp_channels_kept": int(pruned_cfg.layer_mlp_width(i))} for i in range(cfg.num_layers)]
     summary = {
-        "method": rc.method, "model": rc.model, "target_sparsity": rc.supernet.target_sparsity,
+        "method": rc.method, "label": rc.label, "model": rc.model, "target_sparsity": rc.supernet.target_sparsity,
         "params": {"dense": int(sum(x.size for x in jax.tree.leaves(model.weights))),
                    "pruned": int(sum(x.size for x in jax.tree.leaves(weights))),
                    "prunable_dense": prunable_params(model.weights), "prunable_pruned": prunable_params(weights)},
         "ppl": {"dense": dense["ppl"], "pruned": pruned["ppl"], "text": rc.eval.corpus, "seq_len": rc.eval.seq_len,
                 "tokens_scored": pruned["tokens_scored"]},
+        "ppl_ood": None if ood is None else {
+            "dense": dense["ppl_ood"], "pruned": pruned["ppl_ood"], "text": rc.eval.ood_corpus,
+            "seq_len": rc.eval.seq_len, "tokens_scored": pruned["tokens_scored_ood"]},
         "zeroshot": {"dense": dense.get("zeroshot", {}), "pruned": pruned.get("zeroshot", {})},
         "per_layer": per_layer,
         "search_history": history,
         "export": report,
         "wall_time_s": time.perf_counter() - start,
+        "config": to_dict(rc),
         **extra,
     }
     write_json(out / "summary.json", summary)
     if is_primary() and rc.method != "pbs2p":   # PBS²P keeps every head and channel
         plots.plot_layers(per_layer, cfg.num_kv_heads, cfg.intermediate_size, out / "per_layer.png",
-                          f"{rc.method} on {rc.model}: kept per layer")
+                          f"{rc.label} on {rc.model}: kept per layer")
         if history:
             plots.plot_fitness(history, out / "fitness.png")
     return summary

@@ -25,6 +25,9 @@ METHODS = {"tyr": ("tyr", True), "uniform": ("tyr", False), "flap": ("flap", Fal
            "wanda_sp": ("wanda_sp", False), "magnitude": ("magnitude", False),
            "policy_gradient": ("tyr", False),  # learns masks instead (section policy_gradient:); no supernet
            "pbs2p": ("tyr", False)}            # binarizes every linear instead (section pbs2p:); no supernet
+# Baselines that, as published, take their statistics from the dense model's activations at one sparsity
+# (`supernet.baseline_stream: dense`); `expectation` gives them Týr's 9-level expectation stream ("+EA").
+BASELINES = ("flap", "wanda_sp", "magnitude")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +50,11 @@ class CalibrationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out perplexity (`corpus`, windows of `seq_len`) and zero-shot `tasks` (first `limit` docs)."""
+    """Held-out perplexity (`corpus`, windows of `seq_len`), out-of-domain perplexity (`ood_corpus`, the
+    same windows; null skips it) and zero-shot `tasks` (first `limit` docs)."""
 
     corpus: str = "wiki-eval"
+    ood_corpus: str | None = "news"
     seq_len: int = 512
     max_tokens: int | None = None
     batch_size: int = 8
@@ -104,7 +109,17 @@ class RunConfig:
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         # The pruner follows from `method`; `supernet.method` is not a second place to set it.
-        object.__setattr__(self, "supernet", dataclasses.replace(self.supernet, method=METHODS[self.method][0]))
+        scfg = dataclasses.replace(self.supernet, method=METHODS[self.method][0])
+        if self.method in BASELINES and scfg.baseline_stream == "dense":
+            # As published: one copy at the target, its statistics from dense activations (no Eq. 5).
+            scfg = dataclasses.replace(scfg, num_levels=1, expectation=False)
+        object.__setattr__(self, "supernet", scfg)
+
+    @property
+    def label(self) -> str:
+        """The method as a table names it: "+EA" marks a baseline fed the expectation stream."""
+        ea = self.method in BASELINES and self.supernet.baseline_stream == "expectation"
+        return self.method + ("+EA" if ea else "")
 
     @property
     def searches(self) -> bool:
@@ -114,6 +129,36 @@ class RunConfig:
     def centre_copies(self) -> bool:
         """Whether the pruned model is every sublayer's centre supernet copy (no search, no other system)."""
         return not self.searches and self.method not in ("policy_gradient", "pbs2p")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_type(value, hint, key: str):
+    """`value` converted to `hint` (int, float (an int is accepted), bool, str, tuple[X, ...], X | None), or a
+    ValueError naming the key, the value and the expected type."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:                                 # X | None
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        items = value
+        if isinstance(value, str):   # "a,b" from the command line; numbers are read as YAML
+            items = [v if args[0] is str else parse_value(v) for v in value.split(",")]
+        if items is None:
+            return ()
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in _TYPE_NAMES and not (isinstance(value, hint) and (hint is bool or not isinstance(value, bool))):
+        raise ValueError(f"{key}: expected {_TYPE_NAMES[hint]}{' or null' if optional else ''}, "
+                         f"got {value!r}")
+    return value
 
 
 def _build(cls, values: dict, where: str):
@@ -130,10 +175,8 @@ def _build(cls, values: dict, where: str):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value or {}, f"{where}{name}.")
-        elif typing.get_origin(hint) is tuple or hint == tuple[str, ...]:
-            kwargs[name] = tuple(value.split(",") if isinstance(value, str) else value or ())
         else:
-            kwargs[name] = value
+            kwargs[name] = _check_type(value, hint, f"{where}{name}")
     try:
         return cls(**kwargs)
     except TypeError as e:

@@ -419,6 +419,8 @@ def run_search(weights, cfg: ModelConfig, plan: LevelPlan, bank: LevelBank, pool
         parent, history = np.asarray(state["parent"], np.int32), list(np.asarray(state["history"]))
         if parent.shape != (2, cfg.num_layers):  # directories from before the fingerprint
             raise ValueError(f"{state_dir} holds a search of another model; delete it or use another --out")
+        if progress:
+            print(f"resuming search (iteration {iteration + 1}) at generation {start}/{scfg.generations}")
     bar = tqdm(range(start, scfg.generations), desc=f"search it{iteration}", unit="gen", disable=not progress,
                initial=start, total=scfg.generations)
     for gen in bar:

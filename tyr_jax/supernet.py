@@ -27,6 +27,7 @@ from tyr_jax.checkpointing import BlockStore
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
+from tyr_jax.pruning.tyr import REFITS
 from tyr_jax.sharding import logical_sharding, put_batch, replicated, to_host
 
 
@@ -43,8 +44,11 @@ class SupernetConfig:
     attn_round_size: int = 1               # units per progressive round (Týr only)
     mlp_round_size: int = 16
     damp: float = 0.01
-    refit_damped: bool = True              # Týr's final refit with the damped H (ridge); False: exact least squares
+    refit: str = "towards_w0"              # Týr's final refit: towards_w0 (reference), towards_zero, exact (tyr.py)
     expectation: bool = True               # Eq. 5; False propagates the dense output
+    # FLAP, Wanda-sp, magnitude (a run config applies it): "dense" (as published: one level at the target,
+    # statistics of the dense model's activations) or "expectation" (the 9-level expectation stream, "+EA")
+    baseline_stream: str = "dense"
 
     def __post_init__(self):
         if not 0.0 <= self.target_sparsity <= 1.0:
@@ -54,12 +58,16 @@ class SupernetConfig:
         if self.num_levels < 1 or self.num_levels % 2 == 0:
             raise ValueError(f"num_levels must be odd and positive (levels centre ± k·step), got {self.num_levels}")
         get_pruner(self.method)
+        if self.baseline_stream not in ("dense", "expectation"):
+            raise ValueError(f"baseline_stream must be dense or expectation, got {self.baseline_stream!r}")
+        if self.refit not in REFITS:
+            raise ValueError(f"refit must be one of {', '.join(REFITS)}, got {self.refit!r}")
 
     def hparams(self, kind: str) -> dict:
         if self.method != "tyr":
             return {}
         return {"damp": self.damp, "round_size": self.attn_round_size if kind == "attn" else self.mlp_round_size,
-                "refit_damped": self.refit_damped}
+                "refit": self.refit}
 
 
 def level_removals(num_units: int, centre: float, step: float, num_levels: int, min_step: int) -> tuple[int, ...]:
@@ -273,6 +281,10 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     attn_in, mlp_in = cfg.num_kv_heads * g * h, cfg.intermediate_size
     rope = llama.rope_tables(cfg, llama.default_positions(put_batch(chunks[0], mesh)))
     xs = [llama.embed(weights, put_batch(c, mesh)) for c in chunks]  # split over `data` (checked above)
+    done = next((i for i in range(cfg.num_layers) if not store.has_block(i)), cfg.num_layers)
+    if done and progress:
+        print(f"resuming supernet at block {done}/{cfg.num_layers}" if done < cfg.num_layers else
+              f"supernet complete ({done}/{done} blocks stored): replaying its propagation")
     bar = tqdm(range(cfg.num_layers), desc="supernet", unit="block", disable=not progress)
     for i in bar:
         start = time.perf_counter()

@@ -38,6 +38,19 @@ def resolve_model_path(spec: str | os.PathLike) -> pathlib.Path:
     return path
 
 
+def load_tokenizer(spec: str | os.PathLike) -> tokenizers.Tokenizer | None:
+    """The tokenizer of a model (HF directory, GGUF file or built-in name) without its weights; None when
+    an HF directory has no tokenizer.json."""
+    path = resolve_model_path(spec)
+    if path.is_dir():
+        tok_path = path / "tokenizer.json"
+        return tokenizers.Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
+    from tyr_jax.loading.gguf import _open, _tokenizer
+
+    reader = _open(path)
+    return _tokenizer({name: field.contents() for name, field in reader.fields.items()})
+
+
 def load_model(spec: str | os.PathLike, *, dtype=jnp.float32, shardings=None) -> LoadedModel:
     """Loads config, weights (placed with `shardings`: a pytree or a function of the abstract weights)
     and tokenizer from an HF directory, a GGUF file or a built-in name."""

@@ -364,6 +364,13 @@ def _batch(stream: np.ndarray, pcfg: PolicyGradientConfig, key_data, step: int) 
     return sampler.sample_windows(stream, pcfg.batch_size, pcfg.seq_len + 1, key=data_key)
 
 
+def state_fingerprint(cfg: ModelConfig, pcfg: PolicyGradientConfig, target_sparsity: float,
+                      extra: dict | None = None) -> dict:
+    """What a learning run's state depends on (its directory's `meta.json`); `extra` adds the caller's."""
+    return {"policy_gradient": dataclasses.asdict(pcfg), "target_sparsity": target_sparsity,
+            "model_config": cfg.to_hf(), **(extra or {})}
+
+
 def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pcfg: PolicyGradientConfig,
                 target_sparsity: float, state_dir: str | pathlib.Path, *, calib_bt: np.ndarray | None = None,
                 calib_batch_size: int = 8, fingerprint: dict | None = None, mesh=None,
@@ -383,9 +390,7 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
     state_dir = pathlib.Path(state_dir).absolute()  # Orbax wants absolute paths
     budget = keep_budget(cfg, target_sparsity)
     pg = policy_gradient(pcfg, budget)
-    fingerprint = {"policy_gradient": dataclasses.asdict(pcfg), "target_sparsity": target_sparsity,
-                   "model_config": cfg.to_hf(), **(fingerprint or {})}
-    claim_directory(state_dir, fingerprint, "a policy-gradient run")
+    claim_directory(state_dir, state_fingerprint(cfg, pcfg, target_sparsity, fingerprint), "a policy-gradient run")
     manager = ocp.CheckpointManager(state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
     key = jax.random.key(pcfg.seed)
     losses = np.zeros(pcfg.steps, np.float32)
@@ -408,6 +413,8 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
                                     template)
         restored = manager.restore(start, args=ocp.args.StandardRestore({"state": template, "losses": losses}))
         state, losses = restored["state"], np.array(restored["losses"])
+        if progress:
+            print(f"resuming policy gradient at step {start}/{pcfg.steps}")
     step_fn = compile_step(pg, cfg)
     bar = tqdm(range(start, pcfg.steps), desc="policy gradient", unit="step", disable=not progress,
                initial=start, total=pcfg.steps)

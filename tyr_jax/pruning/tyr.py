@@ -1,20 +1,29 @@
 """The Týr-the-Pruner local pruner (ALGORITHMS.md §1.1): OBS with a first-order term, progressive rounds
-and a final exact refit.
+and a final refit of the kept weights.
 
-With H = XᵀX (fp32) and G = H W₀, for a unit g (its channel rows) the score is
+With H = XᵀX (fp32), H_d = H + λ·I (λ = damp · mean(diag H), step 2) and G = H_d W₀, for a unit g (its
+channel rows) the score is
 
     score_g = Σ_ij W_g ⊙ [ (H⁻¹_gg)⁻¹ W_g / 2 + G_g ]                      (one channel: ‖W_p‖²/(2H⁻¹_pp) + G_p·W_p)
 
-and units are removed in rounds of `round_size` lowest scores P, each followed by the OBS update
+with H⁻¹ the inverse of H_d, and units are removed in rounds of `round_size` lowest scores P, each
+followed by the OBS update
 
     W −= H⁻¹[:,P] (H⁻¹_PP)⁻¹ W_P ,   H⁻¹ −= H⁻¹[:,P] (H⁻¹_PP)⁻¹ H⁻¹[P,:] ,   W_P = 0 .
 
-Channels with diag(H) = 0 are dead and go first. The kept set K of every level is refit to the dense
-output X W₀, W_K = (H_KK)⁻¹ G_K, with H damped as in step 2 of ALGORITHMS.md §1.1 ("H += λ·I" comes
-before every later use of H) while G = H W₀ keeps the undamped H: ridge regression with penalty λ‖W_K‖²,
-so even the 0% copy is slightly shrunk. The undamped solve (exact least squares, `refit_damped=False`)
-overfits the calibration text: SmolLM2-135M at a uniform 25%, held-out perplexity 70.8 (ridge) vs 331.6
-(exact) with 4,096 calibration tokens and 52.5 vs 62.9 with 32,768 (BENCHMARKS.md). Removal is greedy,
+Channels with diag(H) = 0 are dead and go first. The kept set K of every level is refit (step 5):
+
+- `refit="towards_w0"` (default; the reference code, which damps H in place before it computes G):
+  W_K = (H_d)_KK⁻¹ (H_d W₀)_K, ridge regression towards W₀,
+  argmin ‖X_K W_K − X W₀‖² + λ‖W_K − W₀_K‖²; the 0% copy is W₀ exactly. G = H_d W₀ in the score too.
+- `refit="towards_zero"` (this project's default before 2026-12-03): G = H W₀ from the undamped H, in
+  the score and the refit, W_K = (H_d)_KK⁻¹ G_K: ridge with penalty λ‖W_K‖², which shrinks even the 0%
+  copy towards 0.
+- `refit="exact"`: G = H W₀ and W_K = (H_KK)⁻¹ G_K (a 1e-6 relative jitter keeps the Cholesky from
+  failing), exact least squares to X W₀; it overfits the calibration text.
+
+Measured with `towards_zero` against `exact` (BENCHMARKS.md): SmolLM2-135M at a uniform 25%, held-out
+perplexity 70.8 vs 331.6 with 4,096 calibration tokens and 52.5 vs 62.9 with 32,768. Removal is greedy,
 so a level with r units removed is a prefix of a level with more: one pass along the removal path,
 snapshotting the kept set at each level, serves all levels, and H⁻¹ is factorised once.
 """
@@ -26,6 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tyr_jax.pruning.base import LevelResult, SublayerStats, register, validate_removals
+
+# The final refit's variants (ALGORITHMS.md §1.1 step 5; the module docstring).
+REFITS = ("towards_w0", "towards_zero", "exact")
 
 
 def damped_hessian(hessian_ii, damp: float):
@@ -77,7 +89,7 @@ def _removal_schedule(targets: list[int], round_size: int) -> tuple[np.ndarray, 
 @register("tyr")
 def tyr_prune(w_io, stats: SublayerStats, *, unit_size: int, removals: tuple[int, ...], damp: float = 0.01,
               round_size: int = 1, first_order: bool = True, hessian_term: bool = True,
-              refit_damped: bool = True) -> LevelResult:
+              refit: str = "towards_w0") -> LevelResult:
     """Týr local pruning of one output projection at every removal count of `removals`.
 
     Args:
@@ -88,8 +100,8 @@ def tyr_prune(w_io, stats: SublayerStats, *, unit_size: int, removals: tuple[int
       damp: relative damping of H (ALGORITHMS.md §1.1 step 2).
       round_size: units removed per progressive round (1 KV group, 16 channels in the paper).
       first_order, hessian_term: keep the G and the OBS term of the score (ablations).
-      refit_damped: refit with the damped H (ridge regression; default) or the undamped one (exact least
-        squares, a 1e-6 relative jitter aside; see the module docstring).
+      refit: "towards_w0" (default, the reference's), "towards_zero" or "exact": which G the score and
+        the refit use and which H the refit solves with (module docstring; ALGORITHMS.md §1.1 step 5).
     Returns:
       LevelResult with refit weights (removed rows exactly 0) in the dtype of `w_io`.
     """
@@ -100,19 +112,21 @@ def tyr_prune(w_io, stats: SublayerStats, *, unit_size: int, removals: tuple[int
     validate_removals(num_units, removals)
     if round_size < 1:
         raise ValueError(f"round_size must be >= 1, got {round_size}")
+    if refit not in REFITS:
+        raise ValueError(f"refit must be one of {', '.join(REFITS)}, got {refit!r}")
     with jax.default_matmul_precision("highest"):
         return _tyr_prune(w_io, stats, unit_size, tuple(removals), damp, round_size, first_order, hessian_term,
-                          refit_damped)
+                          refit)
 
 
-def _tyr_prune(w_io, stats, unit_size, removals, damp, round_size, first_order, hessian_term, refit_damped):
+def _tyr_prune(w_io, stats, unit_size, removals, damp, round_size, first_order, hessian_term, refit):
     d_in = w_io.shape[0]
     num_units = d_in // unit_size
     w0 = w_io.astype(jnp.float32)
     hessian = stats.hessian_ii.astype(jnp.float32)
-    g_io = hessian @ w0
     hd = damped_hessian(hessian, damp)
-    h_refit = hd if refit_damped else damped_hessian(hessian, 1e-6)  # a jitter only: Cholesky must not fail
+    g_io = (hd if refit == "towards_w0" else hessian) @ w0
+    h_refit = damped_hessian(hessian, 1e-6) if refit == "exact" else hd  # 1e-6: a jitter only, for Cholesky
     dead_u = jnp.all((jnp.diagonal(hessian) == 0).reshape(num_units, unit_size), axis=1)
 
     targets = sorted(set(removals))
@@ -148,13 +162,21 @@ def _tyr_prune(w_io, stats, unit_size, removals, damp, round_size, first_order, 
     keep_tu = alive_ru[jnp.asarray(snapshot) + 1]                  # one row per distinct target
     keep_eu = keep_tu[jnp.asarray([targets.index(r) for r in removals])]
 
-    def refit(keep_u):
-        """W_K = (H_KK)⁻¹ G_K with removed rows 0, as one SPD solve with identity on removed channels."""
+    def refit_level(keep_u):
+        """W_K = (h_refit_KK)⁻¹ G_K with removed rows 0, as one SPD solve with identity on removed channels.
+
+        towards_w0 solves for the correction to W₀ instead, W_K = W₀_K + (H_d)_KK⁻¹ (H_d)_KR W₀_R (R the
+        removed rows; the same solution, since G_K = (H_d)_KK W₀_K + (H_d)_KR W₀_R): the solve's fp32 error
+        scales with the correction, not with W₀, and the 0% copy is W₀ bit for bit."""
         m = jnp.repeat(keep_u, unit_size)
         a = jnp.where(m[:, None] & m[None, :], h_refit, jnp.diag(jnp.where(m, 0.0, 1.0)))
-        rhs = jnp.where(m[:, None], g_io, 0.0)
-        return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), rhs)
+        if refit == "towards_w0":
+            base = jnp.where(m[:, None], w0, 0.0)
+            rhs = jnp.where(m[:, None], hd @ (w0 - base), 0.0)
+        else:
+            base, rhs = 0.0, jnp.where(m[:, None], g_io, 0.0)
+        return base + jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), rhs)
 
-    w_tio = jax.lax.map(refit, keep_tu)
+    w_tio = jax.lax.map(refit_level, keep_tu)
     w_eio = w_tio[jnp.asarray([targets.index(r) for r in removals])]
     return LevelResult(keep_eu=keep_eu, w_eio=w_eio.astype(w_io.dtype), bias_eo=None)

@@ -167,10 +167,15 @@ def test_offspring_share_the_parents_prefix_and_score_as_if_run_alone(setup, num
     assert num == 1 or len(set(search.first_change(kids, parent).tolist())) > 1
     rows = np.arange(windows)
     alone = [_alone(weights, bank, pool, k, rows) for k in kids]
-    for reference in (parent, kids[-1], np.zeros_like(parent)):
+    for reference in (parent, kids[-1], np.ones_like(parent)):
         parent_fit, fit = search.evaluate(weights, bank, CFG, SCFG, pool, reference, kids, rows)
         np.testing.assert_allclose(fit, alone, rtol=1e-5)
         assert parent_fit == pytest.approx(_alone(weights, bank, pool, reference, rows), rel=1e-5)
+    # Level 0 of every sublayer is the dense weight itself (the refit goes towards W₀): KL 0 up to rounding,
+    # so it is compared in absolute terms.
+    dense_fit, fit = search.evaluate(weights, bank, CFG, SCFG, pool, np.zeros_like(parent), kids, rows)
+    np.testing.assert_allclose(fit, alone, rtol=1e-5)
+    assert abs(dense_fit) < 1e-6
 
 
 def test_fitness_pool_refuses_windows_or_top_k_that_do_not_fit(setup):

@@ -281,9 +281,9 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     attn_in, mlp_in = cfg.num_kv_heads * g * h, cfg.intermediate_size
     rope = llama.rope_tables(cfg, llama.default_positions(put_batch(chunks[0], mesh)))
     xs = [llama.embed(weights, put_batch(c, mesh)) for c in chunks]  # split over `data` (checked above)
-    done = next((i for i in range(cfg.num_layers) if not store.has_block(i)), cfg.num_layers)
+    done = store.finished_blocks()
     if done and progress:
-        print(f"resuming supernet at block {done}/{cfg.num_layers}" if done < cfg.num_layers else
+        print(f"resuming supernet at block {done + 1}/{cfg.num_layers}" if done < cfg.num_layers else
               f"supernet complete ({done}/{done} blocks stored): replaying its propagation")
     bar = tqdm(range(cfg.num_layers), desc="supernet", unit="block", disable=not progress)
     for i in bar:

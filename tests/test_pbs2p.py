@@ -2,6 +2,7 @@
 meshes, refusals, and the CLI end to end on a tiny model."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -282,16 +283,18 @@ def test_m_not_dividing_the_inputs_is_refused_before_any_work(tmp_path):
 def test_cli_prune_pbs2p_end_to_end(tiny_hf_dir, tmp_path):
     model_dir, corpus = tiny_hf_dir
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tyr_jax.cli", "prune", "method=pbs2p", f"model={model_dir}", f"out={out}",
+    config = pathlib.Path(__file__).parents[1] / "configs" / "smollm2-pbs2p.yaml"
+    cmd = [sys.executable, "-m", "tyr_jax.cli", "prune", "--config", str(config), f"model={model_dir}", f"out={out}",
            f"calibration.corpus={corpus}", "calibration.num_sequences=4", "calibration.seq_len=32",
-           "calibration.batch_size=2", f"eval.corpus={corpus}", "eval.seq_len=32", "eval.max_tokens=256",
-           "pbs2p.block_size=8", "pbs2p.n=5"]
+           "calibration.batch_size=2", f"eval.corpus={corpus}", f"eval.ood_corpus={corpus}", "eval.seq_len=32",
+           "eval.max_tokens=256", "eval.tasks=[]", "pbs2p.block_size=8", "pbs2p.n=5"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pbs2p"]["n_per_layer"] and sum(summary["pbs2p"]["n_per_layer"]) == 5 * 2
     bits = summary["export"]["bits_per_weight"]
     assert 0 < bits["signs_and_scales"] < bits["file"] and np.isfinite(summary["ppl"]["pruned"])
+    assert np.isfinite(summary["ppl_ood"]["pruned"])
     evaluated = subprocess.run([sys.executable, "-m", "tyr_jax.cli", "eval", "--model", str(out / "model"), "--text",
                                 str(corpus), "--seq-len", "32", "--max-tokens", "256"], capture_output=True, text=True)
     assert evaluated.returncode == 0, evaluated.stderr
@@ -315,7 +318,6 @@ def test_dense_blocks_stay_exact_and_the_export_loads(tmp_path):
 
 def test_compare_methods_takes_per_run_overrides(tmp_path):
     import importlib.util
-    import pathlib
 
     spec = importlib.util.spec_from_file_location(
         "compare_methods", pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py")

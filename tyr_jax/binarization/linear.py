@@ -88,7 +88,7 @@ def upper_cholesky_inverse(hessian_ii: Float[Array, "I I"], damp: float) -> Floa
     return jnp.linalg.cholesky(hinv).T
 
 
-def _compress_block(w_rc, u_diag_c, valid_c, dead_c, *, variant, n, m, arb_iters, spbo_steps, spbo_metric):
+def _mask_and_binarize(w_rc, u_diag_c, valid_c, dead_c, *, variant, n, m, arb_iters, spbo_steps, spbo_metric):
     """Mask and binary weights of one block of columns (step 1 of the module docstring); dead inputs
     (never active in calibration) are the first pruned."""
     keep_all = jnp.broadcast_to(valid_c[None, :], w_rc.shape)
@@ -148,10 +148,10 @@ def compress_linear(w_oi: Float[Array, "O I"], hessian_ii: Float[Array, "I I"], 
             w1 = jax.lax.dynamic_slice_in_dim(w, start, block_size, axis=1)
             u_rows = jax.lax.dynamic_slice_in_dim(u, start, block_size, axis=0)      # [bs, I]
             u_diag = jax.lax.dynamic_slice_in_dim(jnp.diagonal(u), start, block_size)
-            keep, bits = _compress_block(w1, u_diag, jax.lax.dynamic_slice_in_dim(valid, start, block_size),
-                                         jax.lax.dynamic_slice_in_dim(dead, start, block_size),
-                                         variant=variant, n=n, m=m, arb_iters=arb_iters, spbo_steps=steps,
-                                         spbo_metric=spbo_metric)
+            keep, bits = _mask_and_binarize(w1, u_diag, jax.lax.dynamic_slice_in_dim(valid, start, block_size),
+                                            jax.lax.dynamic_slice_in_dim(dead, start, block_size),
+                                            variant=variant, n=n, m=m, arb_iters=arb_iters, spbo_steps=steps,
+                                            spbo_metric=spbo_metric)
             bits = bits._replace(alpha_r=bits.alpha_r.astype(SCALE_DTYPE), mu_r=bits.mu_r.astype(SCALE_DTYPE))
             # GPTQ's errors for a block whose values are fixed: e_j = (w_j − ŵ_j) / U_jj with w_j updated by
             # the block's earlier columns, i.e. E·U₁ = W₁ − Ŵ₁ (U₁ upper triangular): one triangular solve.

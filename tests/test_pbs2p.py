@@ -349,3 +349,13 @@ def test_a_corrupt_packed_file_is_refused_by_name(tmp_path):
     save_safetensors(tensors, path)
     with pytest.raises(ValueError, match="layers.1.mlp.down_proj.weight: packed weight .* scales of shape"):
         load_model(tmp_path / "model")
+
+
+def test_spbo_steps_are_capped_by_each_blocks_own_n():
+    pcfg = compress.Pbs2pConfig(n=6, spbo_steps=2)       # CFS may give a block 7:8, one step from 8:8
+    assert pcfg.linear_args(7)["spbo_steps"] == 1 and pcfg.linear_args(5)["spbo_steps"] == 2
+    assert pcfg.linear_args(6)["n"] == 6 and compress.Pbs2pConfig(variant="binarize").linear_args(6)["n"] == 8
+    w, h = _layer(o=4, i=64)
+    lin = linear.compress_linear(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
+                                 **pcfg.linear_args(7) | {"block_size": 32})
+    assert np.all(np.asarray(lin.keep_oi).reshape(4, -1, 8).sum(-1) == 7)

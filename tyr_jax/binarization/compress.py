@@ -51,7 +51,7 @@ class Pbs2pConfig:
     block_size: int = 128           # input columns per α, μ and per error-feedback step
     damp: float = 0.01
     arb_iters: int = 15             # ARB refinement rounds per binarization
-    spbo_steps: int | None = None   # SPBO steps to reach N:M (default M − N; 1: all at once)
+    spbo_steps: int | None = None   # SPBO steps to reach N:M (default, and at most, M − N; 1: all at once)
     spbo_metric: str = "error"      # what each SPBO step prunes next: error | saliency (linear.py)
     cfs: bool = True                # coarse stage: N per block from its importance (variant pbs2p)
     cfs_low: int | None = None      # bounds of a block's N (default N − 1 and N + 1, within [1, M])
@@ -87,10 +87,12 @@ class Pbs2pConfig:
         return self.variant == "pbs2p" and self.cfs and self.n < self.m
 
     def linear_args(self, n: int) -> dict:
-        """Keyword arguments of `compress_linear` for a block with N = `n`."""
-        return {"variant": self.variant, "n": self.m if self.variant == "binarize" else n, "m": self.m,
-                "block_size": self.block_size, "damp": self.damp, "arb_iters": self.arb_iters,
-                "spbo_steps": self.spbo_steps, "spbo_metric": self.spbo_metric}
+        """Keyword arguments of `compress_linear` for a block with N = `n` (SPBO takes at most M − N steps:
+        a block that CFS gives a larger N takes fewer)."""
+        n = self.m if self.variant == "binarize" else n
+        steps = None if self.spbo_steps is None or n == self.m else min(self.spbo_steps, self.m - n)
+        return {"variant": self.variant, "n": n, "m": self.m, "block_size": self.block_size, "damp": self.damp,
+                "arb_iters": self.arb_iters, "spbo_steps": steps, "spbo_metric": self.spbo_metric}
 
 
 class Pbs2pStore(BlockStore):

@@ -36,6 +36,14 @@ def created_sharded(fn, abstract, mesh):
     return jax.jit(fn, out_shardings=weight_shardings(abstract, mesh))
 
 
+def save_results(results: dict, path: str | None) -> None:
+    """Prints a benchmark's results as JSON and writes them to `path` (the `--json` option) if given."""
+    print(json.dumps(results, indent=1))
+    if path:
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
 def timed(fn, *args, repeats: int) -> list[float]:
     """Wall seconds per call, after one warm-up call (which includes compilation)."""
     jax.block_until_ready(fn(*args))
@@ -109,10 +117,7 @@ def main():
     stats = jax.devices()[0].memory_stats() or {}
     results["peak_device_bytes"] = stats.get("peak_bytes_in_use")
     results["host"] = platform.node()
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_results(results, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import resource
 import tempfile
 import time
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_forward import LLAMA31_8B, matmul_ceiling
+from bench_forward import LLAMA31_8B, matmul_ceiling, save_results
 from tyr_jax.binarization import compress
 from tyr_jax.models import llama
 
@@ -88,10 +87,7 @@ def main():
                "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
     print(f"steady block {steady:.1f} s; whole model ≈ {model_min:.1f} min (paper: 111 min for LLaMA-7B); "
           f"{results['achieved_tflops']:.1f} TFLOP/s achieved against {bf16:.0f} bf16 / {fp32:.0f} fp32 ceilings")
-    print(json.dumps(results, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+    save_results(results, args.json)
 
 
 if __name__ == "__main__":

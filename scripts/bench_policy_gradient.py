@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_forward import LLAMA31_8B, model_flops
+from bench_forward import LLAMA31_8B, model_flops, save_results
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning import policy_gradient as pgm
@@ -103,10 +102,7 @@ def main():
             result[f"K{k}_hours_per_15000_steps"] = est * 15000 / 3600
             print(f"K={k}, {base.num_layers} layers (extrapolated): {1 / est:.2f} steps/s, "
                   f"{est * 15000 / 3600:.2f} h per 15,000 steps")
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    save_results(result, args.json)
 
 
 if __name__ == "__main__":

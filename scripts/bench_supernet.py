@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import resource
 import tempfile
 import time
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_forward import LLAMA31_8B, created_sharded, matmul_ceiling
+from bench_forward import LLAMA31_8B, created_sharded, matmul_ceiling, save_results
 from tyr_jax.memory import LLAMA31_70B
 from tyr_jax.models import llama
 from tyr_jax.pruning import SublayerStats, get_pruner
@@ -129,10 +128,7 @@ def main():
     stats = jax.devices()[0].memory_stats() or {}
     results["peak_device_bytes"] = stats.get("peak_bytes_in_use")
     results["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(json.dumps(results, indent=1))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+    save_results(results, args.json)
 
 
 if __name__ == "__main__":

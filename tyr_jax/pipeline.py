@@ -32,10 +32,14 @@ def model_dtype(rc: RunConfig):
     return jnp.bfloat16 if rc.dtype == "bfloat16" else jnp.float32
 
 
+def calibration_windows(stream: np.ndarray, ccfg: CalibrationConfig) -> np.ndarray:
+    """N random windows of T tokens from the tokenized calibration corpus, reproducible from `seed`."""
+    return sampler.sample_windows(stream, ccfg.num_sequences, ccfg.seq_len, key=jax.random.key(ccfg.seed))
+
+
 def calibration_tokens(tokenizer, ccfg: CalibrationConfig) -> np.ndarray:
-    """N random windows of T tokens from the calibration corpus, reproducible from `seed`."""
-    tokens = sampler.tokenize(tokenizer, corpora.load_text(ccfg.corpus))
-    return sampler.sample_windows(tokens, ccfg.num_sequences, ccfg.seq_len, key=jax.random.key(ccfg.seed))
+    """`calibration_windows` of the calibration corpus, tokenized with `tokenizer`."""
+    return calibration_windows(sampler.tokenize(tokenizer, corpora.load_text(ccfg.corpus)), ccfg)
 
 
 def eval_windows(tokenizer, rc: RunConfig, corpus: str | None = None) -> np.ndarray:
@@ -70,7 +74,7 @@ def prepare_inputs(rc: RunConfig, tokenizer) -> dict:
     if len(stream) < need:
         raise ValueError(f"calibration.corpus: {ccfg.corpus!r} has {len(stream)} tokens, fewer than the "
                          f"{need} a window needs (calibration.seq_len, search.seq_len); use a longer text")
-    calib = sampler.sample_windows(stream, ccfg.num_sequences, ccfg.seq_len, key=jax.random.key(ccfg.seed))
+    calib = calibration_windows(stream, ccfg)
     fix_eval = _CORPUS_FIX + ", or lower eval.seq_len"
     windows = _checked("eval.corpus", fix_eval, lambda: eval_windows(tokenizer, rc))
     ood = None

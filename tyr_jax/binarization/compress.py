@@ -83,6 +83,11 @@ class Pbs2pConfig:
         return low, high
 
     @property
+    def target_n(self) -> int:
+        """N every compressed block takes without CFS (M for `binarize`: nothing pruned)."""
+        return self.m if self.variant == "binarize" else self.n
+
+    @property
     def uses_cfs(self) -> bool:
         return self.variant == "pbs2p" and self.cfs and self.n < self.m
 
@@ -176,6 +181,7 @@ def _block_cosine(blk, x, rope, cfg):
 
 def block_importance(weights: llama.Weights, cfg: ModelConfig, xs: list, rope) -> np.ndarray:
     """1 / mean cos(x_in, x_out) of every block on the dense model's calibration activations."""
+    tokens = sum(x.shape[0] * x.shape[1] for x in xs)
     importance = []
     for blk in weights.blocks:
         total, outs = 0.0, []
@@ -183,7 +189,7 @@ def block_importance(weights: llama.Weights, cfg: ModelConfig, xs: list, rope) -
             s, y = _block_cosine(blk, x, rope, cfg)
             total, outs = total + float(s), outs + [y]
         xs = outs
-        importance.append(1.0 / (total / sum(x.shape[0] * x.shape[1] for x in xs)))
+        importance.append(tokens / total)
     return np.asarray(importance)
 
 
@@ -206,7 +212,7 @@ def block_n(weights: llama.Weights, cfg: ModelConfig, xs: list, rope, pcfg: Pbs2
             ns[i] = n
     else:
         for i in compressed:
-            ns[i] = pcfg.m if pcfg.variant == "binarize" else pcfg.n
+            ns[i] = pcfg.target_n
     if is_primary():
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"n_per_layer": ns, "importance": None if importance is None else
@@ -221,8 +227,9 @@ def compress_model(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     """Compresses every block (or finishes a killed run) into `store`.
 
     Returns (weights with every linear replaced by its binary reconstruction, packed blocks
-    [{proj: arrays}, None for a dense block] for `packed.export_binary`, N per block (None: dense)). With a `mesh`, calibration batches are
-    split over `data` and each weight's rows (outputs, independent in GPTQ) over every device.
+    [{proj: arrays}, None for a dense block] for `packed.export_binary`, N per block (None: dense)). With
+    a `mesh`, calibration batches are split over `data` and each weight's rows (outputs, independent in
+    GPTQ) over every device.
     `timings`, if given, accumulates seconds in statistics + propagation (`stats_s`), in the compressor
     (`compress_s`), in Orbax writes (`save_s`) and in total (`total_s`)."""
     if cfg.is_pruned:
@@ -251,22 +258,21 @@ def compress_model(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
         start = time.perf_counter()
         blk = weights.blocks[i]
         stored = store.load_block(i) if store.has_block(i) else None
-        if ns[i] is None:            # left dense; saved all the same, so a resumed run counts it done
-            xs = [_mlp_step(blk, _attn_step(blk, x, rope, cfg), cfg) for x in xs]
-            if stored is None:
-                store.save_block(i, {"dense": np.ones((1,), np.int8)})
-            stored = None
-        elif stored is not None:
-            shapes = {p: tuple(w.shape) for p, w in block_linears(blk).items()}
-            new = {p: packed.unpack(stored[p], shapes[p]).dense(pcfg.block_size) for p in packed.PROJECTIONS}
-            blk = _with_linears(blk, new)
-            xs = [_mlp_step(blk, _attn_step(blk, x, rope, cfg), cfg) for x in xs]
-        else:
+        if ns[i] is not None and stored is None:
             stored = {}
             blk, xs = _compress_block(blk, xs, rope, cfg, pcfg.linear_args(ns[i]), stored, mesh, timings)
             t0 = time.perf_counter()
             store.save_block(i, stored)
             timings["save_s"] += time.perf_counter() - t0
+        else:                        # a saved block, or one left dense: replayed
+            if ns[i] is None:
+                if stored is None:   # saved all the same, so a resumed run counts it done
+                    store.save_block(i, {"dense": np.ones((1,), np.int8)})
+                stored = None
+            else:
+                blk = _with_linears(blk, {p: packed.unpack(stored[p], packed.projection_shape(cfg, i, p)).dense(
+                    pcfg.block_size) for p in packed.PROJECTIONS})
+            xs = [_mlp_step(blk, _attn_step(blk, x, rope, cfg), cfg) for x in xs]
         blocks.append(blk)
         packed_layers.append(stored)
         jax.block_until_ready(xs)
@@ -283,11 +289,12 @@ def _compress_block(blk, xs, rope, cfg, args: dict, stored: dict, mesh, timings:
     Linears that share an input (q/k/v, gate/up) are compressed as one matrix of stacked rows: GPTQ,
     ARB and N:M all act row by row given the one H, so this equals compressing each alone, with one
     factorisation of H and larger kernels."""
+    dense = block_linears(blk)     # no group's weights change before the group is compressed
     for where, names in INPUT_GROUPS:
         if where == "gate_up":   # the MLP sees the output of the compressed attention sublayer
             xs = [_attn_step(blk, x, rope, cfg) for x in xs]
         t0 = time.perf_counter()
-        ws = [block_linears(blk)[name] for name in names]
+        ws = [dense[name] for name in names]
         stats = SublayerStats.zeros(ws[0].shape[1])
         for x in xs:
             stats = input_stats(blk, x, stats, rope, cfg, where)

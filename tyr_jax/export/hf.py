@@ -35,7 +35,7 @@ from tyr_jax.models.llama import abstract_weights
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Weights
 
-__all__ = ["NOTE_FILE", "export_model", "save_safetensors", "transformers_blockers"]
+__all__ = ["NOTE_FILE", "export_model", "prepare_model_dir", "save_safetensors", "transformers_blockers"]
 
 NOTE_FILE = "EXPORT_NOTE.txt"
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}

@@ -202,6 +202,13 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's `permute`, the inverse of `_unpermute_rows`: per head, HF's split halves (half, i)
+    become interleaved pairs (i, half), the order llama.cpp's GPT-J style rope rotates (weights or biases)."""
+    out, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_heads, 2, out // n_heads // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
 def _pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, normalizers.Normalizer | None, bool]:
     """`(pre_tokenizer, normalizer, ignore_merges)` for llama.cpp's `tokenizer.ggml.pre` name.
 

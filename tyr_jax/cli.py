@@ -161,7 +161,46 @@ def cmd_prune(args):
               f"on {s['ppl_ood']['text']}")
     for task, acc in s["zeroshot"]["pruned"].items():
         print(f"{task:>14}: acc_norm {s['zeroshot']['dense'][task]:.4f} → {acc:.4f}")
-    print(f"wrote {rc.out}/model, {rc.out}/summary.json")
+    gguf = (s.get("export") or {}).get("gguf")
+    print(f"wrote {rc.out}/model, " + (f"{gguf['path']} ({gguf['arch']}, {gguf['type']}), " if gguf else "") +
+          f"{rc.out}/summary.json")
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a model as a GGUF file that llama.cpp runs",
+                       description="Dense and uniformly pruned models become llama.cpp's `llama` "
+                                   "architecture, models with per-layer sizes its `deci` architecture. The "
+                                   "vocabulary comes from the model: a GGUF file's tokenizer metadata is "
+                                   "copied, an HF directory's tokenizer.json is described.")
+    p.add_argument("--model", required=True, help="HF directory (e.g. OUT/model of tyr-jax prune), .gguf file or "
+                                                  "built-in name")
+    p.add_argument("--gguf", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="f32", choices=("f32", "f16", "bf16"),
+                   help="type of the matrices (norms and biases stay f32; default f32)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="the context length llama.cpp is told (default: the source's, if it names one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> dict:
+    from tyr_jax.export import export_gguf
+    from tyr_jax.loading import load_model, resolve_model_path
+    from tyr_jax.loading.hf import read_hf_json
+
+    path = resolve_model_path(args.model)
+    if path.is_dir() and "tyr_binary" in read_hf_json(path):
+        raise ValueError(f"{path} is a PBS²P export: GGUF cannot hold its packed 1-bit weights (keep and sign "
+                         "bits with α and μ); export the model it was compressed from instead")
+    if pathlib.Path(args.gguf).exists() and not args.overwrite:  # before loading the weights
+        raise FileExistsError(f"{args.gguf} already exists; pass --overwrite to replace it")
+    model = load_model(args.model)
+    report = export_gguf(model.weights, model.cfg, args.gguf, source=args.model, type=args.type,
+                         context_length=args.context_length, overwrite=args.overwrite)
+    print(f"wrote {report['path']}: llama.cpp architecture {report['arch']}, {report['type']} matrices")
+    for line in report["stand_ins"]:
+        print(f"  exact stand-in: {line}")
+    return report
 
 
 def _add_ablate(sub):
@@ -199,11 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_supernet(sub)
     _add_prune(sub)
     _add_ablate(sub)
+    _add_export(sub)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"tyr-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -19,7 +19,7 @@ from tyr_jax.data import corpora, sampler
 from tyr_jax.distributed import claim_directory, is_primary
 from tyr_jax.evaluation import zeroshot
 from tyr_jax.evaluation.perplexity import perplexity
-from tyr_jax.export import export_model
+from tyr_jax.export import check_gguf_export, export_gguf, export_model
 from tyr_jax.loading import LoadedModel, load_model, load_tokenizer
 from tyr_jax.models import llama
 from tyr_jax.pruning import policy_gradient
@@ -323,6 +323,8 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     inputs = prepare_inputs(rc, load_tokenizer(rc.model))
     model = load_model(rc.model, dtype=model_dtype(rc), shardings=lambda w: weight_shardings(w, mesh))
     cfg, calib, stream = model.cfg, inputs["calib"], inputs["calib_stream"]
+    if rc.export.gguf:  # tokenizer, context length and settings llama.cpp can run, before any work
+        check_gguf_export(cfg, rc.model, type=rc.export.gguf_type)
     # Refuse stored work of other settings before writing anything (the first stage's directory; later
     # iterations and searches depend on earlier results and are checked when they start).
     if rc.method == "policy_gradient":
@@ -350,6 +352,9 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
                                overwrite=True)
     elif is_primary():
         report = export_model(host_weights, pruned_cfg, out / "model", tokenizer=model.tokenizer, overwrite=True)
+        if rc.export.gguf:
+            report["gguf"] = export_gguf(host_weights, pruned_cfg, out / "model.gguf", source=rc.model,
+                                         type=rc.export.gguf_type, overwrite=True)
     windows, ood = inputs["eval"], inputs["ood"]
     eval_key = {"model": rc.model, "dtype": rc.dtype, "eval": to_dict(rc.eval)}
     dense = _evaluate(model.weights, cfg, model.tokenizer, rc, windows, progress, mesh, out / "dense_eval.json",

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from tyr_jax.binarization.compress import Pbs2pConfig
+from tyr_jax.export.gguf import GGUF_TYPES
 from tyr_jax.pruning.policy_gradient import PolicyGradientConfig
 from tyr_jax.search import SearchConfig
 from tyr_jax.sharding import make_mesh
@@ -90,6 +91,20 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Exports besides the HF directory OUT/model: `gguf: true` also writes OUT/model.gguf for llama.cpp,
+    its matrices in `gguf_type` (f32, f16 or bf16; `tyr_jax.export.export_gguf`)."""
+
+    gguf: bool = False
+    gguf_type: str = "f16"
+
+    def __post_init__(self):
+        if self.gguf_type not in GGUF_TYPES:
+            raise ValueError(f"export.gguf_type {self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)} "
+                             "(quantize further with llama.cpp's llama-quantize)")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: str = "smollm2-135m"
     out: str = "runs/default"
@@ -102,8 +117,13 @@ class RunConfig:
     pbs2p: Pbs2pConfig = Pbs2pConfig()
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
+    export: ExportConfig = ExportConfig()
 
     def __post_init__(self):
+        if self.method == "pbs2p" and self.export.gguf:
+            raise ValueError("export.gguf=true with method pbs2p: GGUF cannot hold PBS²P's packed 1-bit weights "
+                             "(keep and sign bits with α and μ); set export.gguf=false (OUT/model keeps the "
+                             "packed export)")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.method not in METHODS:

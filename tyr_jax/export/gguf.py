@@ -37,7 +37,7 @@ from tyr_jax.loading.hf import read_hf_json, weights_to_hf
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Weights, rope_frequencies
 
-__all__ = ["GGUF_TYPES", "export_gguf", "gguf_blockers", "tokenizer_fields"]
+__all__ = ["GGUF_TYPES", "check_gguf_export", "export_gguf", "gguf_blockers", "tokenizer_fields"]
 
 # --type → (tensor type of the matrices, general.file_type). Norms, biases and rope factors stay F32.
 GGUF_TYPES = {"f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -86,19 +86,10 @@ def export_gguf(weights: Weights, cfg: ModelConfig, path: str | os.PathLike, *,
     Returns:
       {"path", "arch", "type", "stand_ins": [what was written as an exact zero stand-in, per layer]}.
     """
-    if type not in GGUF_TYPES:
-        raise ValueError(f"GGUF type {type!r} is not supported; choose one of {', '.join(GGUF_TYPES)} "
-                         "(quantize further with llama.cpp's llama-quantize)")
-    if blockers := gguf_blockers(cfg):
-        raise ValueError("llama.cpp cannot run this model as exported: " + "; ".join(blockers))
     path = pathlib.Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    fields = tokenizer_fields(source, cfg)
-    context_length = context_length or _source_context_length(source)
-    if not context_length:
-        raise ValueError("the context length is unknown (the source says none); pass context_length=N "
-                         "(CLI: --context-length N)")
+    fields, context_length = check_gguf_export(cfg, source, type=type, context_length=context_length)
 
     layers = _layer_sizes(weights, cfg)
     uniform = len({(s.heads, s.kv_heads, s.mlp_width) for s in layers}) == 1 and layers[0].kv_heads > 0 \
@@ -126,6 +117,23 @@ def export_gguf(weights: Weights, cfg: ModelConfig, path: str | os.PathLike, *,
                  [f"layer {i}: MLP removed, written as 1 channel with zero weights"
                   for i, s in enumerate(layers) if s.mlp_stand_in])
     return {"path": str(path), "arch": arch, "type": type, "stand_ins": stand_ins}
+
+
+def check_gguf_export(cfg: ModelConfig, source, *, type: str = "f32",
+                      context_length: int | None = None) -> tuple[list[tuple], int]:
+    """Everything `export_gguf` needs besides the weights, checked before any work (e.g. at the start of
+    `tyr-jax prune`): returns (tokenizer fields, context length) or raises a ValueError saying what to fix."""
+    if type not in GGUF_TYPES:
+        raise ValueError(f"GGUF type {type!r} is not supported; choose one of {', '.join(GGUF_TYPES)} "
+                         "(quantize further with llama.cpp's llama-quantize)")
+    if blockers := gguf_blockers(cfg):
+        raise ValueError("llama.cpp cannot run this model as exported: " + "; ".join(blockers))
+    fields = tokenizer_fields(source, cfg)
+    context_length = context_length or _source_context_length(source)
+    if not context_length:
+        raise ValueError("the context length is unknown (the source names none); pass context_length=N "
+                         "(CLI: --context-length N), e.g. the original model's max_position_embeddings")
+    return fields, int(context_length)
 
 
 def gguf_blockers(cfg: ModelConfig) -> list[str]:

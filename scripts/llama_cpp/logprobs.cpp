@@ -2,7 +2,7 @@
 //
 // Usage: tyr-logprobs MODEL.gguf ID0 ID1 ... IDn
 // Prints n lines "i id logprob": log p(ID_i | ID_0 .. ID_{i-1}) for i = 1..n, computed in float64
-// from llama.cpp's logits. Used by tests/test_gguf_export.py to compare llama.cpp with tyr-jax on
+// from llama.cpp's logits (float32 K/V cache). Used by tests/test_gguf_export.py to compare llama.cpp with tyr-jax on
 // exactly the same token ids (no tokenizer in between).
 #include "llama.h"
 
@@ -44,6 +44,10 @@ int main(int argc, char ** argv) {
     cparams.n_batch = n;
     cparams.n_ubatch = n;
     cparams.no_perf = true;
+    // float32 K/V cache and no flash attention: llama.cpp's defaults (f16 cache) cost ~1e-3 in log p.
+    cparams.type_k = GGML_TYPE_F32;
+    cparams.type_v = GGML_TYPE_F32;
+    cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     llama_context * ctx = llama_init_from_model(model, cparams);
     if (ctx == nullptr) {
         fprintf(stderr, "tyr-logprobs: could not create a context of %d tokens\n", n);

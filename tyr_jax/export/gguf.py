@@ -318,16 +318,12 @@ def _gguf_tensors(weights: Weights, cfg: ModelConfig, layers: Sequence[_LayerSiz
                 if f"mlp.{p}_proj.bias" in layer:
                     layer[f"mlp.{p}_proj.bias"] = np.zeros((1,), np.float32)
         for hf_name, w in layer.items():
-            kind, sublayer = hf_name.rsplit(".", 1)[0], hf_name.split(".", 1)[0]
-            removed = (sublayer == "self_attn" and sizes.kv_heads == 0 or
-                       sublayer == "mlp" and sizes.mlp_width == 0 or
-                       hf_name == "input_layernorm.weight" and sizes.kv_heads == 0 or
-                       hf_name == "post_attention_layernorm.weight" and sizes.mlp_width == 0)
-            if removed:
-                continue
-            if kind in ("self_attn.q_proj", "self_attn.k_proj"):
-                w = permute_rows(w, sizes.heads if kind == "self_attn.q_proj" else sizes.kv_heads)
-            out[f"blk.{i}.{_TENSOR_NAMES[hf_name]}"] = np.asarray(w, np.float32)
+            is_mlp = hf_name.startswith(("mlp.", "post_attention_layernorm."))
+            if (sizes.mlp_width if is_mlp else sizes.kv_heads) == 0:
+                continue  # a removed sublayer: deci reads none of its tensors (norm included)
+            if hf_name.startswith(("self_attn.q_proj.", "self_attn.k_proj.")):
+                w = permute_rows(w, sizes.heads if hf_name.startswith("self_attn.q") else sizes.kv_heads)
+            out[f"blk.{i}.{_TENSOR_NAMES[hf_name]}"] = w
     out["output_norm.weight"] = hf.pop("model.norm.weight")
     if "lm_head.weight" in hf:
         out["output.weight"] = hf.pop("lm_head.weight")

@@ -233,3 +233,18 @@ def test_prune_config_refuses_gguf_for_pbs2p():
     with pytest.raises(ValueError, match="pbs2p.*GGUF"):
         load_run_config(None, ["method=pbs2p", "export.gguf=true"])
     assert load_run_config(None, ["export.gguf=true", "export.gguf_type=f16"]).export.gguf_type == "f16"
+
+
+def test_prune_with_export_gguf_writes_a_model_llama_cpp_runs(tiny_hf_dir, llama_cpp, tmp_path):
+    model_dir, corpus = tiny_hf_dir
+    out = tmp_path / "run"
+    assert cli_main(["prune", "--out", str(out), "--config", str(REPO / "configs/smoke.yaml"), f"model={model_dir}",
+                     "method=flap", "supernet.target_sparsity=0.5", "supernet.min_step_channels=4",
+                     "supernet.mlp_round_size=4", f"calibration.corpus={corpus}", "calibration.num_sequences=4",
+                     "calibration.seq_len=32", "calibration.batch_size=2", f"eval.corpus={corpus}",
+                     "eval.ood_corpus=null", "eval.seq_len=32", "eval.max_tokens=256", "eval.tasks=[]",
+                     "mesh.data=1", "export.gguf=true", "export.gguf_type=f32"]) == 0
+    pruned = load_model(out / "model")
+    ids = pruned.tokenizer.encode(TEXT).ids[:32]
+    np.testing.assert_allclose(_llama_cpp_logprobs(llama_cpp, out / "model.gguf", ids),
+                               _tyr_logprobs(pruned.weights, pruned.cfg, ids), atol=1e-4)

@@ -32,6 +32,7 @@ import gguf
 import numpy as np
 import tokenizers
 
+from tyr_jax.export.hf import _check_shapes
 from tyr_jax.loading.gguf import _open, _pre_tokenizer, permute_rows
 from tyr_jax.loading.hf import read_hf_json, weights_to_hf
 from tyr_jax.models.config import ModelConfig
@@ -90,6 +91,7 @@ def export_gguf(weights: Weights, cfg: ModelConfig, path: str | os.PathLike, *,
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     fields, context_length = check_gguf_export(cfg, source, type=type, context_length=context_length)
+    _check_shapes(weights, cfg)
 
     layers = _layer_sizes(weights, cfg)
     uniform = len({(s.heads, s.kv_heads, s.mlp_width) for s in layers}) == 1 and layers[0].kv_heads > 0 \
@@ -99,19 +101,22 @@ def export_gguf(weights: Weights, cfg: ModelConfig, path: str | os.PathLike, *,
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(partial, arch)
-    _add_hparams(writer, cfg, layers, uniform, context_length, type, name or path.stem)
-    for key, value, vtype, sub_type in fields:
-        writer.add_key_value(key, value, vtype, sub_type=sub_type)
-    matrix_type = GGUF_TYPES[type][0]
-    for tensor_name, w in tensors.items():
-        qtype = matrix_type if w.ndim == 2 else gguf.GGMLQuantizationType.F32
-        writer.add_tensor(tensor_name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(partial, path)
+    try:  # written under another name and renamed: a killed export leaves no half file at `path`
+        writer = gguf.GGUFWriter(partial, arch)
+        _add_hparams(writer, cfg, layers, uniform, context_length, type, name or path.stem)
+        for key, value, vtype, sub_type in fields:
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        matrix_type = GGUF_TYPES[type][0]
+        for tensor_name, w in tensors.items():
+            qtype = matrix_type if w.ndim == 2 else gguf.GGMLQuantizationType.F32
+            writer.add_tensor(tensor_name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     stand_ins = ([f"layer {i}: attention removed, written as 1 KV group with zero weights"
                   for i, s in enumerate(layers) if s.attn_stand_in] +
                  [f"layer {i}: MLP removed, written as 1 channel with zero weights"

@@ -23,7 +23,7 @@ from tyr_jax.export import check_gguf_export, export_gguf, export_model
 from tyr_jax.loading import LoadedModel, load_model, load_tokenizer
 from tyr_jax.models import llama
 from tyr_jax.pruning import policy_gradient
-from tyr_jax.runconfig import CalibrationConfig, RunConfig, to_dict
+from tyr_jax.runconfig import CalibrationConfig, ExportConfig, RunConfig, to_dict
 from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
 from tyr_jax.supernet import LevelPlan, SupernetStore, assemble, build_supernet, fingerprint
 
@@ -301,7 +301,8 @@ def finished_summary(rc: RunConfig) -> dict | None:
         summary = json.loads((pathlib.Path(rc.out) / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    same = lambda c: {k: v for k, v in c.items() if k != "mesh"}  # noqa: E731
+    # Runs finished before the `export` section existed wrote none: theirs was the default.
+    same = lambda c: {"export": to_dict(ExportConfig()), **{k: v for k, v in c.items() if k != "mesh"}}  # noqa: E731
     stored = summary.get("config")
     return summary if isinstance(stored, dict) and same(stored) == same(json.loads(json.dumps(to_dict(rc)))) else None
 

@@ -9,8 +9,10 @@ For every compressed projection (HF name `model.layers.{i}.{part}.{proj}.weight`
 
 (bits little-endian within a byte), and every other tensor (embeddings, norms, lm_head, biases) as the
 dense export writes it. `config.json` is the model's HF config plus `tyr_binary` (format, variant, M,
-block size, N per layer: null for a block left dense), which `tyr_jax.loading.load_model` reads to unpack: within a block of columns
-a row's kept weights take exactly the two values μ ± α, pruned ones are exactly 0.
+block size, N per layer: null for a block left dense, `masked` per layer: whether its projections have a
+`_mask`), which `tyr_jax.loading.load_model` reads to unpack: within a block of columns a row's kept weights
+take exactly the two values μ ± α, pruned ones are exactly 0. transformers loads the directory with
+`trust_remote_code=True`: the export carries modeling_tyr.py, whose `PackedLinear` unpacks the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import tokenizers
 
 from tyr_jax.binarization.linear import BinaryLinear, dense_weight
-from tyr_jax.export import prepare_model_dir, save_safetensors
+from tyr_jax.export import copy_remote_code, prepare_model_dir, remote_code_config, save_safetensors
 from tyr_jax.loading.hf import weights_to_hf
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Weights
@@ -92,12 +94,16 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
                 tensors[f"{name}_{part}"] = array
                 packed_bytes += array.nbytes
                 sign_scale_bytes += 0 if part == "mask" else array.nbytes
-    hf_config = cfg.to_hf() | {"dtype": str(np.dtype(weights.embed_vd.dtype)),
-                               "tyr_binary": {"format": FORMAT, **meta}}
+    # A layer's projections all have a mask or none: each keeps I·N/M < I weights per row exactly when N < M.
+    masked = [None if layer is None else "mask" in layer[PROJECTIONS[0]] for layer in packed_layers]
+    binary = {"format": FORMAT, **meta, "masked": masked}
+    hf_config = remote_code_config(cfg, cfg.to_hf() | {"dtype": str(np.dtype(weights.embed_vd.dtype)),
+                                                       "tyr_binary": binary})
     prepare_model_dir(out, overwrite)
     save_safetensors(tensors, out / "model.safetensors", metadata={"format": "tyr-binary"})
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
+    copy_remote_code(out)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")   # last: marks a whole model
     file_bytes = (out / "model.safetensors").stat().st_size
     ns = [n for n in meta["n_per_layer"] if n is not None]

@@ -171,6 +171,8 @@ class ModelConfig:
         """Builds the config from an HF `config.json` dict; unsupported math is an error."""
         hf = dict(hf)
         model_type = hf.pop("model_type", None)
+        if model_type == "tyr":  # our exports for transformers' remote code: the base type is named
+            model_type = hf.pop("tyr_base_model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             arch = hf.get("architectures") or model_type
             raise ValueError(f"architecture {arch!r} (model_type {model_type!r}) is not supported; tyr-jax "

@@ -1,4 +1,5 @@
-"""Export of dense and pruned models: tyr-jax reloads give equal logits; transformers loads what it can express."""
+"""Export of dense and pruned models: tyr-jax reloads give equal logits; transformers' stock classes load what
+they can express, the rest loads with trust_remote_code (tests/test_export_transformers.py)."""
 
 import dataclasses
 import json
@@ -98,7 +99,7 @@ def _transformers_logits(out):
 def test_dense_model_exports_as_a_plain_hf_checkpoint(name, tmp_path):
     cfg, weights = _hf_dense(tmp_path, name)
     report = export_model(weights, cfg, tmp_path / "out")
-    assert report["tyr_jax"] and report["transformers"], report
+    assert report["tyr_jax"] and report["transformers"] and not report["trust_remote_code"], report
     hf = json.loads((tmp_path / "out" / "config.json").read_text())
     assert not any(k.startswith("tyr_") for k in hf) and not (tmp_path / "out" / NOTE_FILE).exists()
     model = _assert_tyr_reload_equal(tmp_path / "out", weights, cfg)
@@ -110,7 +111,7 @@ def test_dense_model_exports_as_a_plain_hf_checkpoint(name, tmp_path):
 def test_uniform_pruning_exports_as_a_smaller_dense_model(name, tmp_path):
     small, small_cfg = _pruned(tmp_path, name, UNIFORM)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert report["transformers"], report
+    assert not report["trust_remote_code"], report
     hf = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (hf["num_key_value_heads"], hf["num_attention_heads"], hf["intermediate_size"]) == (1, 2, 24)
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
@@ -120,10 +121,10 @@ def test_uniform_pruning_exports_as_a_smaller_dense_model(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_heterogeneous_pruning_loads_in_tyr_jax_and_says_why_not_transformers(name, tmp_path):
+def test_heterogeneous_pruning_loads_in_tyr_jax_and_says_why_transformers_needs_remote_code(name, tmp_path):
     small, small_cfg = _pruned(tmp_path, name, HETEROGENEOUS)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert not report["transformers"]
+    assert report["trust_remote_code"]
     assert "different numbers of KV groups (2, 1, 1)" in report["transformers_note"]
     assert "different numbers of MLP channels (48, 20, 33)" in report["transformers_note"]
     assert (tmp_path / "out" / NOTE_FILE).read_text().strip() == report["transformers_note"]
@@ -131,14 +132,14 @@ def test_heterogeneous_pruning_loads_in_tyr_jax_and_says_why_not_transformers(na
     assert model.cfg == small_cfg
     for a, b in zip(jax.tree.leaves(model.weights), jax.tree.leaves(small), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(RuntimeError, match="mismatch"):  # the note is right: transformers refuses it
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # the stock classes are not used
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=False)
 
 
 def test_removed_sublayers_are_named_in_the_note(tmp_path):
     small, small_cfg = _pruned(tmp_path, "llama", REMOVED)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert not report["transformers"]
+    assert report["trust_remote_code"]
     note = report["transformers_note"]
     assert "layer 1 has no attention heads" in note and "layer 2 has no MLP channels" in note
     assert "cannot remove a sublayer" in note
@@ -152,7 +153,7 @@ def test_flap_o_and_down_biases_reload_exactly(keep, tmp_path):
     small = _with_flap_biases(small)
     small_cfg = dataclasses.replace(small_cfg, o_bias=True)  # as supernet.assemble leaves it
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert not report["transformers"]
+    assert report["trust_remote_code"]
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
     assert (model.cfg.qkv_bias, model.cfg.o_bias, model.cfg.mlp_bias, model.cfg.down_bias) == (
         False, True, False, True)
@@ -168,7 +169,7 @@ def test_flap_biases_on_uniform_llama_load_in_transformers_with_zero_biases(tmp_
     small, small_cfg = _prune(weights, cfg, UNIFORM)
     small = _with_flap_biases(small, layers={0, 2})  # layer 1 gets zero biases
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert report["transformers"], report
+    assert not report["trust_remote_code"], report
     assert "q_proj, k_proj, v_proj, gate_proj, up_proj are stored as zeros" in report["transformers_note"]
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
     assert model.cfg.bias_projections() == ["o_proj", "down_proj"]  # the zeros are not loaded
@@ -177,11 +178,11 @@ def test_flap_biases_on_uniform_llama_load_in_transformers_with_zero_biases(tmp_
                                rtol=0)
 
 
-def test_flap_biases_on_qwen2_are_tyr_jax_only(tmp_path):
+def test_flap_biases_on_qwen2_need_remote_code(tmp_path):
     small, small_cfg = _pruned(tmp_path, "qwen2", UNIFORM)
     small = _with_flap_biases(small)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert not report["transformers"]
+    assert report["trust_remote_code"]
     assert "Qwen2ForCausalLM has no bias on o_proj, down_proj" in report["transformers_note"]
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
     assert model.cfg.bias_projections() == ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -192,7 +193,7 @@ def test_bf16_weights_export_and_reload_bit_exact(keep, tmp_path):
     cfg, weights = _hf_dense(tmp_path, "llama")
     small, small_cfg = _prune(jax.tree.map(lambda x: x.astype(jnp.bfloat16), weights), cfg, keep)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert report["transformers"] == (keep is UNIFORM)
+    assert report["trust_remote_code"] == (keep is HETEROGENEOUS)
     st = SafetensorsFile(tmp_path / "out" / "model.safetensors")
     assert {v["dtype"] for v in st.header.values()} == {"BF16"}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -202,11 +203,12 @@ def test_bf16_weights_export_and_reload_bit_exact(keep, tmp_path):
     for a, b in zip(jax.tree.leaves(model.weights), jax.tree.leaves(small), strict=True):
         assert a.dtype == b.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
-    if report["transformers"]:  # transformers reads the same bf16 bits
-        state = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-        for name, value in weights_to_hf(model.weights, model.cfg).items():
-            assert state[name].dtype == torch.bfloat16, name
-            np.testing.assert_array_equal(state[name].float().numpy(), value.astype(np.float32), err_msg=name)
+    # transformers reads the same bf16 bits, with its stock class or with the remote code
+    state = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", trust_remote_code=report["trust_remote_code"]).state_dict()
+    for name, value in weights_to_hf(model.weights, model.cfg).items():
+        assert state[name].dtype == torch.bfloat16, name
+        np.testing.assert_array_equal(state[name].float().numpy(), value.astype(np.float32), err_msg=name)
 
 
 def test_safetensors_writer_matches_the_reference_reader(tmp_path):
@@ -283,7 +285,7 @@ def test_unsupported_bias_sets_are_clear_errors(names):
 
 def test_transformers_still_builds_llama_layers_from_global_sizes():
     """Pins the fact the export relies on; if this fails, transformers learned per-layer Llama shapes and
-    export could write `per_layer_config` instead of declining."""
+    export could write `per_layer_config` instead of shipping modeling_tyr.py."""
     from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
     cfg = transformers.LlamaConfig(**{**TINY, "num_hidden_layers": 2},
@@ -295,7 +297,7 @@ def test_transformers_still_builds_llama_layers_from_global_sizes():
     assert layer.mlp.down_proj.weight.shape == (32, 48)  # `skip` is not read by the model
 
 
-def test_llama_head_counts_that_do_not_divide_hidden_size_are_declined():
+def test_llama_head_counts_that_do_not_divide_hidden_size_need_remote_code():
     kw = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=8,
               intermediate_size=48)
     (reason,) = transformers_blockers(ModelConfig(**kw))

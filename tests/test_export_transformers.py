@@ -2,8 +2,8 @@
 ones through the bundled modeling_tyr.py (trust_remote_code); logits equal tyr-jax's within 1e-4 (fp32) and
 greedy generate() with transformers' cache equals tyr-jax's greedy decode."""
 
-import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ import transformers
 
 from tyr_jax.binarization import packed
 from tyr_jax.binarization.linear import BinaryLinear
-from tyr_jax.export import NOTE_FILE, REMOTE_CODE_FILE, export_model
+from tyr_jax.export import NOTE_FILE, REMOTE_CODE_FILE, copy_remote_code, export_model, remote_code_config
 from tyr_jax.loading import load_model
 from tyr_jax.models import decode, llama
 from tyr_jax.models.config import ModelConfig
@@ -90,6 +90,22 @@ def test_uniform_pruning_loads_as_the_stock_class_without_remote_code(model_type
     model = _export(small, small_cfg, tmp_path / "out", remote_code=False)
     assert type(model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
     _assert_logits_match(model, small, small_cfg)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_remote_code_computes_exactly_what_the_stock_class_computes(model_type, tmp_path):
+    """The same dense directory through LlamaForCausalLM / Qwen2ForCausalLM and through TyrForCausalLM."""
+    weights, cfg = _tiny(model_type, qkv_bias=model_type == "qwen2")
+    export_model(weights, cfg, tmp_path / "stock")
+    shutil.copytree(tmp_path / "stock", tmp_path / "tyr")
+    hf = json.loads((tmp_path / "stock" / "config.json").read_text())
+    (tmp_path / "tyr" / "config.json").write_text(json.dumps(remote_code_config(cfg, hf)))
+    copy_remote_code(tmp_path / "tyr")
+    tokens = torch.as_tensor(TOKENS, dtype=torch.long)
+    with torch.no_grad():
+        stock = _transformers(tmp_path / "stock", remote_code=False)(tokens).logits
+        tyr = _transformers(tmp_path / "tyr", remote_code=True)(tokens).logits
+    torch.testing.assert_close(tyr, stock, rtol=0, atol=0)
 
 
 def test_per_layer_llama_with_removed_sublayers_and_flap_biases(tmp_path):
@@ -173,6 +189,7 @@ def test_remote_code_refuses_a_config_it_cannot_read(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
 
 
+@pytest.mark.slow
 def test_smollm2_per_layer_export_matches_in_transformers(tmp_path):
     """The real SmolLM2-135M (30 layers, 9 query / 3 KV heads, tied embeddings) with per-layer sizes."""
     model = load_model("smollm2-135m")

@@ -166,7 +166,9 @@ def test_pbs2p_packed_export_unpacks_in_transformers(tmp_path):
                                                                  block_size)) for proj in packed.PROJECTIONS}
               for i, n in enumerate(ns)]
     meta = {"variant": "pbs2p", "m": 8, "block_size": block_size, "n_per_layer": ns}
-    packed.export_binary(weights, cfg, layers, meta, tmp_path / "out")
+    report = packed.export_binary(weights, cfg, layers, meta, tmp_path / "out")
+    assert "trust_remote_code=True" in report["transformers_note"]
+    assert (tmp_path / "out" / NOTE_FILE).read_text().strip() == report["transformers_note"]
     hf = json.loads((tmp_path / "out" / "config.json").read_text())
     assert hf["model_type"] == "tyr" and hf["tyr_binary"]["masked"] == [True, False, None]
     unpacked = load_model(tmp_path / "out")  # tyr-jax's dense reading of the packed file is the reference

@@ -26,7 +26,8 @@ import numpy as np
 import tokenizers
 
 from tyr_jax.binarization.linear import BinaryLinear, dense_weight
-from tyr_jax.export import copy_remote_code, prepare_model_dir, remote_code_config, save_safetensors
+from tyr_jax.export import (NOTE_FILE, REMOTE_CODE_FILE, copy_remote_code, prepare_model_dir, remote_code_config,
+                            save_safetensors)
 from tyr_jax.loading.hf import weights_to_hf
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Weights
@@ -35,6 +36,10 @@ FORMAT = 1
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 PARTS = ("_mask", "_signs", "_alpha", "_mu")
+TRANSFORMERS_NOTE = (f"transformers loads this packed PBS²P export through {REMOTE_CODE_FILE} (written next to "
+                     "config.json; it unpacks the 1-bit projections in every forward): "
+                     "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True). tyr-jax loads it: "
+                     "tyr_jax.loading.load_model(DIR), or `tyr-jax eval --model DIR`.")
 
 
 def weight_name(layer: int, proj: str) -> str:
@@ -81,7 +86,8 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
     """Writes the packed model: `packed_layers[i][proj]` from `pack`, everything else from `weights`.
 
     `meta` (variant, m, block_size, n_per_layer, ...) goes into config.json under `tyr_binary`.
-    Returns the sizes and bits per weight (module docstring of `tyr_jax.binarization.compress`)."""
+    Returns how transformers loads it (`trust_remote_code=True`, also in EXPORT_NOTE.txt), the sizes and
+    bits per weight (module docstring of `tyr_jax.binarization.compress`)."""
     out = pathlib.Path(out_dir)
     tensors = weights_to_hf(weights, cfg)
     dense_bytes = sum(t.nbytes for t in tensors.values())
@@ -104,10 +110,11 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
     copy_remote_code(out)
+    (out / NOTE_FILE).write_text(TRANSFORMERS_NOTE + "\n")
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")   # last: marks a whole model
     file_bytes = (out / "model.safetensors").stat().st_size
     ns = [n for n in meta["n_per_layer"] if n is not None]
-    return {"file_bytes": file_bytes, "dense_file_bytes": dense_bytes,
+    return {"transformers_note": TRANSFORMERS_NOTE, "file_bytes": file_bytes, "dense_file_bytes": dense_bytes,
             "file_over_dense": file_bytes / dense_bytes,
             "weights_compressed": compressed_weights,
             "bits_per_weight": {

@@ -94,17 +94,14 @@ class PackedLinear(nn.Module):
                  masked: bool):
         super().__init__()
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
-        kept = in_features * n // m if masked else in_features
-        if masked:
-            self.register_buffer("weight_mask", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8))
-        else:
-            self.weight_mask = None
-        self.register_buffer("weight_signs", torch.zeros(out_features, -(-kept // 8), dtype=torch.uint8))
-        blocks = -(-in_features // block_size)
-        self.register_buffer("weight_alpha", torch.zeros(out_features, blocks, dtype=torch.float16))
-        self.register_buffer("weight_mu", torch.zeros(out_features, blocks, dtype=torch.float16))
+        self.kept = in_features * n // m if masked else in_features  # weights kept per row
+        bits = lambda count: torch.zeros(out_features, -(-count // 8), dtype=torch.uint8)  # noqa: E731
+        scales = lambda: torch.zeros(out_features, -(-in_features // block_size), dtype=torch.float16)  # noqa: E731
+        self.register_buffer("weight_mask", bits(in_features) if masked else None)
+        self.register_buffer("weight_signs", bits(self.kept))
+        self.register_buffer("weight_alpha", scales())
+        self.register_buffer("weight_mu", scales())
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.kept = kept
 
     def dense_weight(self) -> torch.Tensor:
         """The [O, I] weight in fp32, exactly as tyr-jax unpacks it."""

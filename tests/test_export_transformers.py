@@ -121,6 +121,14 @@ def test_per_layer_llama_with_removed_sublayers_and_flap_biases(tmp_path):
     _assert_greedy_generate_matches(model, small, small_cfg)
 
 
+def test_uniform_qwen2_with_flap_biases_needs_remote_code(tmp_path):
+    """Qwen2ForCausalLM has no o_proj / down_proj bias, so even equal layer sizes go through modeling_tyr.py."""
+    small, small_cfg = _prune(*_tiny("qwen2", qkv_bias=True, o_bias=True, down_bias=True), UNIFORM)
+    model = _export(small, small_cfg, tmp_path / "out", remote_code=True)
+    assert model.model.layers[1].mlp.down_proj.bias is not None and model.model.layers[1].mlp.up_proj.bias is None
+    _assert_logits_match(model, small, small_cfg)
+
+
 def test_per_layer_qwen2_with_qkv_biases(tmp_path):
     small, small_cfg = _prune(*_tiny("qwen2", qkv_bias=True), PER_LAYER)
     model = _export(small, small_cfg, tmp_path / "out", remote_code=True)

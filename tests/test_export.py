@@ -12,7 +12,7 @@ import tokenizers
 import torch
 import transformers
 
-from tyr_jax.export import NOTE_FILE, export_model, save_safetensors, transformers_blockers
+from tyr_jax.export import NOTE_FILE, export_model, remote_code_config, save_safetensors, transformers_blockers
 from tyr_jax.loading import load_model
 from tyr_jax.loading.hf import SafetensorsFile, load_hf_dir, weights_to_hf
 from tyr_jax.models import llama
@@ -273,6 +273,17 @@ def test_bias_flags_round_trip_through_config_json(model_type, biases):
     cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
                       intermediate_size=48, model_type=model_type, **biases)
     assert ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf()))) == cfg
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_remote_code_config_maps_back_to_the_base_type(model_type):
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                      intermediate_size=48, model_type=model_type, o_bias=True).with_layer_sizes([2, 0, 1], [48, 10, 0])
+    hf = json.loads(json.dumps(remote_code_config(cfg, cfg.to_hf())))
+    assert hf["model_type"] == "tyr" and ModelConfig.from_hf(hf) == cfg
+    del hf["tyr_base_model_type"]
+    with pytest.raises(ValueError, match="no tyr_base_model_type.*export the model again"):
+        ModelConfig.from_hf(hf)
 
 
 @pytest.mark.parametrize("names", [["q_proj"], ["gate_proj", "up_proj"], ["o_proj", "lm_head"]])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import transformers
 from torch import nn
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
@@ -29,6 +30,11 @@ from transformers.models.mistral.modeling_mistral import (
 
 BASE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 PACKED_FORMAT = 1
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    # Configs as dataclasses (`__post_init__`) and the `cache` keyword of the layers are transformers 5's.
+    raise ImportError(f"modeling_tyr.py needs transformers >= 5, found {transformers.__version__}: "
+                      "pip install -U 'transformers>=5'")
 
 
 class TyrConfig(LlamaConfig):

@@ -129,12 +129,18 @@ def test_uniform_qwen2_with_flap_biases_needs_remote_code(tmp_path):
     _assert_logits_match(model, small, small_cfg)
 
 
-def test_per_layer_qwen2_with_qkv_biases(tmp_path):
+def test_per_layer_qwen2_with_qkv_biases_and_save_pretrained_round_trip(tmp_path):
     small, small_cfg = _prune(*_tiny("qwen2", qkv_bias=True), PER_LAYER)
     model = _export(small, small_cfg, tmp_path / "out", remote_code=True)
     assert model.model.layers[0].self_attn.q_proj.bias.shape == (4 * 8 // 2,)
     _assert_logits_match(model, small, small_cfg)
     _assert_greedy_generate_matches(model, small, small_cfg)
+    # A model saved by transformers (e.g. after fine-tuning) keeps modeling_tyr.py and reads back in both.
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / REMOTE_CODE_FILE).exists()
+    saved = load_model(tmp_path / "saved")
+    assert saved.cfg == small_cfg
+    _assert_logits_match(_transformers(tmp_path / "saved", remote_code=True), saved.weights, saved.cfg)
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2"])

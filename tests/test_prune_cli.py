@@ -1,4 +1,5 @@
-"""`tyr-jax prune` end to end on a tiny model: every stage runs, the export reloads, a re-run resumes."""
+"""`tyr-jax prune` end to end on a tiny model: every stage runs, the export reloads (in transformers too), a
+re-run resumes."""
 
 import json
 import os
@@ -7,6 +8,8 @@ import re
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from tyr_jax.cli import main
 from tyr_jax.loading import load_model
@@ -41,12 +44,21 @@ mesh: {{data: 2, model: 2}}
     exported = load_model(out / "model")
     assert exported.cfg.kv_groups == tuple(r["kv_groups_kept"] for r in summary["per_layer"])
     tokens = np.random.default_rng(0).integers(0, exported.cfg.vocab_size, (1, 16)).astype(np.int32)
-    assert np.isfinite(np.asarray(llama.forward(exported.weights, tokens, exported.cfg))).all()
+    logits = np.asarray(llama.forward(exported.weights, tokens, exported.cfg))
+    assert np.isfinite(logits).all()
+    # transformers loads the export too (per-layer sizes through the bundled modeling_tyr.py), as printed.
+    remote = summary["export"]["trust_remote_code"]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=remote)
+    with torch.no_grad():
+        hf_logits = hf_model.eval()(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(hf_logits, logits, atol=1e-4, rtol=0)
+    printed = capsys.readouterr().out
+    assert f"from_pretrained('{out}/model'{', trust_remote_code=True' if remote else ''})" in printed
     # Out-of-domain perplexity (the default eval.ood_corpus, news) in the same windows, printed too.
     ood = summary["ppl_ood"]
     assert ood["text"] == "news" and ood["tokens_scored"] == 32 * 31
     assert np.isfinite([ood["dense"], ood["pruned"]]).all()
-    assert "out-of-domain perplexity" in capsys.readouterr().out
+    assert "out-of-domain perplexity" in printed
     # A finished run re-run is returned as it is: nothing re-exported, its wall time kept.
     text, model_time = (out / "summary.json").read_text(), (out / "model" / "config.json").stat().st_mtime_ns
     assert main(["prune", "--config", str(cfg_file), "--out", str(out)]) == 0

@@ -162,6 +162,9 @@ def cmd_prune(args):
     for task, acc in s["zeroshot"]["pruned"].items():
         print(f"{task:>14}: acc_norm {s['zeroshot']['dense'][task]:.4f} → {acc:.4f}")
     print(f"wrote {rc.out}/model, {rc.out}/summary.json")
+    if "trust_remote_code" in (s["export"] or {}):  # absent on other processes and in older runs
+        remote = ", trust_remote_code=True" if s["export"]["trust_remote_code"] else ""
+        print(f"transformers loads it: AutoModelForCausalLM.from_pretrained('{rc.out}/model'{remote})")
 
 
 def _add_ablate(sub):

@@ -86,7 +86,7 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
     """Writes the packed model: `packed_layers[i][proj]` from `pack`, everything else from `weights`.
 
     `meta` (variant, m, block_size, n_per_layer, ...) goes into config.json under `tyr_binary`.
-    Returns how transformers loads it (`trust_remote_code=True`, also in EXPORT_NOTE.txt), the sizes and
+    Returns how transformers loads it (with `trust_remote_code`, as EXPORT_NOTE.txt says), the sizes and
     bits per weight (module docstring of `tyr_jax.binarization.compress`)."""
     out = pathlib.Path(out_dir)
     tensors = weights_to_hf(weights, cfg)
@@ -114,7 +114,7 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")   # last: marks a whole model
     file_bytes = (out / "model.safetensors").stat().st_size
     ns = [n for n in meta["n_per_layer"] if n is not None]
-    return {"transformers_note": TRANSFORMERS_NOTE, "file_bytes": file_bytes, "dense_file_bytes": dense_bytes,
+    return {"trust_remote_code": True, "transformers_note": TRANSFORMERS_NOTE, "file_bytes": file_bytes, "dense_file_bytes": dense_bytes,
             "file_over_dense": file_bytes / dense_bytes,
             "weights_compressed": compressed_weights,
             "bits_per_weight": {

@@ -17,7 +17,7 @@ from tyr_jax.binarization.linear import BinaryLinear
 from tyr_jax.export import NOTE_FILE, REMOTE_CODE_FILE, copy_remote_code, export_model, remote_code_config
 from tyr_jax.loading import load_model
 from tyr_jax.models import decode, llama
-from tyr_jax.models.config import ModelConfig
+from tyr_jax.models.config import ModelConfig, RopeConfig
 
 TOKENS = np.random.default_rng(0).integers(0, 97, (2, 12)).astype(np.int32)
 # Layer 0 keeps one KV group and a third of the MLP, layer 1 loses its attention, layer 2 its MLP.
@@ -109,8 +109,10 @@ def test_remote_code_computes_exactly_what_the_stock_class_computes(model_type, 
 
 
 def test_per_layer_llama_with_removed_sublayers_and_flap_biases(tmp_path):
-    """Removed attention in layer 1, removed MLP in layer 2; o_proj and down_proj biases survive removal."""
-    small, small_cfg = _prune(*_tiny("llama", o_bias=True, down_bias=True), PER_LAYER)
+    """Removed attention in layer 1, removed MLP in layer 2; o_proj and down_proj biases survive removal;
+    Llama 3.1 rope scaling (a short original context, so that it matters at 12 tokens)."""
+    rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=16)
+    small, small_cfg = _prune(*_tiny("llama", o_bias=True, down_bias=True, rope=rope), PER_LAYER)
     model = _export(small, small_cfg, tmp_path / "out", remote_code=True)
     assert type(model).__name__ == "TyrForCausalLM"
     layers = model.model.layers

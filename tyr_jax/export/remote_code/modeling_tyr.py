@@ -9,7 +9,8 @@ loads it. config.json names the base architecture (`tyr_base_model_type`) and, p
 (`tyr_kv_groups`; query heads = KV groups · num_attention_heads / num_key_value_heads) and MLP channels
 (`tyr_mlp_widths`); 0 removes the sublayer (a residual pass-through plus its output bias, if any).
 `tyr_biases` names the projections that carry a bias. A PBS²P export (`tyr_binary`) keeps its 1-bit
-projections packed and unpacks them in every forward: ŵ = α·(±1) + μ where kept, else 0.
+projections packed and unpacks them in every forward, so the model stays as small in memory as on disk:
+ŵ = α·(±1) + μ where kept, else 0.
 
 The layers are transformers' Mistral modules (Llama's, with a sliding window where the base model has
 one) given per-layer sizes; their forward passes are transformers' own. Needs transformers ≥ 5.

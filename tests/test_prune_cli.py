@@ -162,23 +162,12 @@ def test_a_killed_evaluation_resumes_with_the_parts_not_yet_done(tmp_path, monke
     assert calls[5] == "ppl"                                 # another key: computed anew
 
 
-def test_weights_digest_tells_apart_values_shapes_and_dtypes():
-    from tyr_jax.pipeline import weights_sha256
-
-    a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    digest = weights_sha256(a)
-    assert weights_sha256({"w": a["w"].copy()}) == digest
-    assert weights_sha256({"w": a["w"] + 1}) != digest
-    assert weights_sha256({"w": a["w"].reshape(3, 2)}) != digest
-    assert weights_sha256({"w": a["w"].view(np.int32)}) != digest
-
-
 def test_compare_methods_shares_only_a_finished_dense_evaluation(tmp_path):
     # A run writes dense_eval.json part by part; a partial one copied to the other runs would make each of
     # them compute the missing tasks again.
     import importlib.util
 
-    from tyr_jax.pipeline import evaluation_finished, save_keyed
+    from tyr_jax.results import evaluation_finished, save_keyed
 
     spec = importlib.util.spec_from_file_location(
         "compare_methods", pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py")

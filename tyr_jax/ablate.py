@@ -44,9 +44,9 @@ from tyr_jax import plots, supernet as sn
 from tyr_jax.loading import load_model
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
-from tyr_jax.pipeline import (calibration_tokens, eval_windows, evaluate_levels, load_keyed, model_dtype, run_prune,
-                              run_supernet, save_keyed)
+from tyr_jax.pipeline import calibration_tokens, eval_windows, evaluate_levels, model_dtype, run_prune, run_supernet
 from tyr_jax.pruning import SublayerStats, get_pruner
+from tyr_jax.results import load_keyed, save_keyed
 from tyr_jax.runconfig import RunConfig, load_run_config, parse_value, to_dict
 
 # Config keys whose variants share one vmapped supernet build (SupernetConfig field names after the dot).

@@ -4,7 +4,6 @@ search, a baseline's centre copies, or policy-gradient masks), export, evaluatio
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import time
@@ -23,6 +22,7 @@ from tyr_jax.export import export_model
 from tyr_jax.loading import LoadedModel, load_model, load_tokenizer
 from tyr_jax.models import llama
 from tyr_jax.pruning import policy_gradient
+from tyr_jax.results import load_keyed, save_keyed, weights_sha256
 from tyr_jax.runconfig import CalibrationConfig, RunConfig, to_dict
 from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
 from tyr_jax.supernet import LevelPlan, SupernetStore, assemble, build_supernet, fingerprint
@@ -178,45 +178,6 @@ def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, m
             done[task] = scores[task]["acc_norm"]
             save_keyed(path, key, result)
     return result
-
-
-def evaluation_finished(path: pathlib.Path) -> bool:
-    """Whether the evaluation `_evaluate` saved at `path` holds every part its key asks for (perplexity,
-    the out-of-domain one, each task); it is written part by part, so a file may hold only some."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    value, asked = saved["value"], saved["key"]["eval"]
-    return ("ppl" in value and (asked.get("ood_corpus") is None or "ppl_ood" in value)
-            and set(asked["tasks"]) <= set(value.get("zeroshot", {})))
-
-
-def weights_sha256(tree) -> str:
-    """Digest of a pytree of host arrays (shapes, dtypes and bytes): the key of a saved evaluation."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        a = np.ascontiguousarray(leaf)
-        digest.update(f"{a.shape}{a.dtype.str}".encode())
-        digest.update(a.reshape(-1).view(np.uint8))
-    return digest.hexdigest()
-
-
-def load_keyed(path: pathlib.Path, key: dict):
-    """The value saved by `save_keyed(path, key, ...)`, or None when absent or saved under another key."""
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == json.loads(json.dumps(key)):  # compared as it reads back: tuples are lists
-            return saved["value"]
-    return None
-
-
-def save_keyed(path: pathlib.Path, key: dict, value) -> None:
-    """Writes {"key", "value"} atomically, on process 0 only."""
-    if is_primary():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
-        tmp.replace(path)
 
 
 def _supernet_store(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path, t: int = 0,

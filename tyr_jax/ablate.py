@@ -7,8 +7,9 @@ re-run skips finished variants. What a variant yields:
   * a method without search (`uniform`, `flap`, `wanda_sp`, `magnitude`, or `tyr` with
     `search.iterations=0`): the held-out perplexity of the model made of every sublayer's centre copy
     (the target sparsity everywhere), as `scripts/ablate_uniform.py` measures it;
-  * `method: tyr` with search, `policy_gradient` and `pbs2p`: the whole `tyr-jax prune` pipeline, its
-    model's perplexity.
+  * `method: tyr` with search: Týr's coarse-to-fine supernets and searches (`coarse_to_fine`, as
+    `tyr-jax prune` runs them, in the same directories), the searched model's perplexity;
+  * `policy_gradient` and `pbs2p`: the whole `tyr-jax prune` pipeline, its model's perplexity.
 
 How variants run (the table's `mode` column says which):
 
@@ -39,7 +40,11 @@ import numpy as np
 
 from tyr_jax import plots, supernet as sn
 from tyr_jax.loading import load_model
-from tyr_jax.pipeline import calibration_tokens, eval_windows, evaluate_levels, model_dtype, run_prune, run_supernet
+from tyr_jax.coarse_to_fine import coarse_to_fine
+from tyr_jax.data import corpora, sampler
+from tyr_jax.evaluation.perplexity import perplexity
+from tyr_jax.pipeline import (build_mesh, calibration_windows, eval_windows, evaluate_levels, model_dtype, place,
+                              pool_tokens, run_prune, run_supernet)
 from tyr_jax.results import load_keyed, save_keyed
 from tyr_jax.runconfig import RunConfig, load_run_config, parse_value, to_dict
 
@@ -159,9 +164,14 @@ class _Shared:
 
         return self._get(["model", rc.model, rc.dtype], make)
 
+    def stream(self, rc: RunConfig) -> np.ndarray:
+        """The calibration corpus, tokenized."""
+        return self._get(["stream", rc.model, rc.calibration.corpus],
+                         lambda: sampler.tokenize(self.model(rc).tokenizer, corpora.load_text(rc.calibration.corpus)))
+
     def calib(self, rc: RunConfig) -> np.ndarray:
         return self._get(["calib", rc.model, to_dict(rc.calibration)],
-                         lambda: calibration_tokens(self.model(rc).tokenizer, rc.calibration))
+                         lambda: calibration_windows(self.stream(rc), rc.calibration))
 
     def windows(self, rc: RunConfig) -> np.ndarray:
         return self._get(["eval", rc.model, to_dict(rc.eval)], lambda: eval_windows(self.model(rc).tokenizer, rc))
@@ -211,11 +221,27 @@ def _run_group(group: list[Variant], shared: _Shared, progress: bool) -> None:
         _save_result(v, {"mode": "vmap", **metrics, "wall_s": build_share + time.perf_counter() - start})
 
 
+def _searched_eval(v: Variant, shared: _Shared, progress: bool) -> dict:
+    """Perplexity and parameters of the model Týr's coarse-to-fine search picks, on the variant's mesh
+    (its supernets and searches under the variant's directory, laid out and resumable as `tyr-jax prune`'s)."""
+    rc, mesh = v.rc, build_mesh(v.rc)
+    model = shared.model(rc)
+    v.out.mkdir(parents=True, exist_ok=True)
+    (v.out / "run_config.json").write_text(json.dumps(to_dict(rc), indent=1))
+    weights, cfg, _ = coarse_to_fine(place(model.weights, mesh), model.cfg, shared.calib(rc), rc.supernet, rc.search,
+                                     v.out, model_name=rc.model, pool_tokens=pool_tokens(rc, shared.stream(rc)),
+                                     batch_size=rc.calibration.batch_size, mesh=mesh, progress=progress)
+    stats = perplexity(weights, cfg, shared.windows(rc), batch_size=rc.eval.batch_size, progress=progress)
+    return {"ppl": stats["ppl"], "params": cfg.num_params()}
+
+
 def _run_alone(v: Variant, shared: _Shared, progress: bool) -> None:
     start = time.perf_counter()
     if v.rc.centre_copies:
         _, store, _ = run_supernet(v.rc, shared.model(v.rc), calib=shared.calib(v.rc), progress=progress)
         metrics = _centre_eval(v, shared, store, progress)
+    elif v.rc.searches:
+        metrics = _searched_eval(v, shared, progress)
     else:
         summary = run_prune(v.rc, progress=progress)
         metrics = {"ppl": summary["ppl"]["pruned"], "params": summary["params"]["pruned"]}

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tyr_jax import binarization, plots, search
+from tyr_jax import binarization, plots
 from tyr_jax.binarization.packed import export_binary
+from tyr_jax.coarse_to_fine import coarse_to_fine, iteration_store
 from tyr_jax.data import corpora, sampler
 from tyr_jax.distributed import claim_directory, is_primary
 from tyr_jax.evaluation import zeroshot
@@ -180,43 +181,18 @@ def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, m
     return result
 
 
-def _supernet_store(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path, t: int = 0,
-                    centres=(None, None)):
-    """The supernet store of iteration `t` (Δ halved t times, levels around `centres`), claimed: one built
-    with other settings is refused here. Returns (store, its SupernetConfig, its plan)."""
-    scfg = dataclasses.replace(rc.supernet, step=search.step_for_iteration(rc.supernet.step, t))
-    plan = LevelPlan.centred(model.cfg, scfg, *centres)
-    store = SupernetStore(out / f"iteration_{t}" / "supernet",
-                          fingerprint(model.cfg, scfg, plan, calib, rc.model, model.weights.embed_vd.dtype))
-    return store, scfg, plan
+def pool_tokens(rc: RunConfig, stream: np.ndarray) -> np.ndarray:
+    """The search's fitness pool: `search.pool_sequences` windows of the calibration corpus (key seed + 1)."""
+    return sampler.sample_windows(stream, rc.search.pool_sequences, rc.search.seq_len,
+                                  key=jax.random.key(rc.calibration.seed + 1))
 
 
 def _supernet_and_search(rc: RunConfig, model: LoadedModel, calib: np.ndarray, stream: np.ndarray, mesh,
                          out: pathlib.Path, progress: bool):
-    """Týr (ALGORITHMS.md §1.2-1.4): per iteration a supernet around the previous best distribution, then
-    the search; without search, every sublayer's centre copy. Returns (weights, config, fitness history)."""
-    cfg, dtype, num_levels = model.cfg, model.weights.embed_vd.dtype, rc.supernet.num_levels
-    centres, history, pool = (None, None), [], None
-    iterations = rc.search.iterations if rc.searches else 1
-    for t in range(iterations):
-        store, scfg, plan = _supernet_store(rc, model, calib, out, t, centres)
-        print(f"iteration {t + 1}/{iterations}: supernet with Δ = {scfg.step:.4%}")
-        build_supernet(model.weights, cfg, calib, scfg, plan, store, batch_size=rc.calibration.batch_size,
-                       progress=progress, mesh=mesh)
-        best = np.full((2, cfg.num_layers), num_levels // 2, np.int32)
-        if rc.searches:
-            if pool is None:
-                pool_tokens = sampler.sample_windows(
-                    stream, rc.search.pool_sequences, rc.search.seq_len, key=jax.random.key(rc.calibration.seed + 1))
-                pool = search.FitnessPool(model.weights, cfg, pool_tokens, rc.search, mesh=mesh, progress=progress)
-            bank = search.load_bank(store, cfg, num_levels, dtype, mesh)
-            best, hist = search.run_search(model.weights, cfg, plan, bank, pool, rc.search,
-                                           out / f"iteration_{t}" / "search", iteration=t, progress=progress)
-            del bank
-            history.append([float(h) for h in hist])
-            centres = search.removal_fractions(plan, best, cfg)
-    weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
-    return weights, pruned_cfg, history
+    """Týr's coarse-to-fine supernets and searches, or the centre copies (`coarse_to_fine`)."""
+    return coarse_to_fine(model.weights, model.cfg, calib, rc.supernet, rc.search if rc.searches else None, out,
+                          model_name=rc.model, pool_tokens=pool_tokens(rc, stream) if rc.searches else None,
+                          batch_size=rc.calibration.batch_size, mesh=mesh, progress=progress)
 
 
 def _policy_gradient_fingerprint(rc: RunConfig, cfg) -> dict:
@@ -292,7 +268,7 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     elif rc.method == "pbs2p":
         _pbs2p_store(rc, model, calib, out)
     else:
-        _supernet_store(rc, model, calib, out)
+        iteration_store(model.weights, cfg, calib, rc.supernet, rc.model, out)
     write_json(out / "run_config.json", to_dict(rc))
     extra, history, binary = {}, [], None
     if rc.method == "policy_gradient":

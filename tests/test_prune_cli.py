@@ -239,3 +239,19 @@ eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
     bad = subprocess.run([sys.executable, str(script), "--out", str(out), f"{cfg_file}:pruneit"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "method 'pruneit' is unknown" in bad.stderr
+
+
+def test_a_run_finished_before_a_display_setting_existed_is_still_found(tmp_path):
+    """`policy_gradient.log_every` changes what is shown, not what is computed: a summary stored without
+    it (or with another value) is the finished run of the config, and an ablation's result is found too."""
+    from tyr_jax.pipeline import finished_summary
+    from tyr_jax.runconfig import load_run_config, result_key, to_dict
+
+    rc = load_run_config(None, [f"out={tmp_path}", "policy_gradient.log_every=7"])
+    stored = to_dict(rc)
+    del stored["policy_gradient"]["log_every"]
+    (tmp_path / "summary.json").write_text(json.dumps({"config": stored, "ppl": 1.0}))
+    assert finished_summary(rc)["ppl"] == 1.0
+    assert json.dumps(result_key(to_dict(rc))) == json.dumps(result_key(stored))   # an ablation's result key
+    other = load_run_config(None, [f"out={tmp_path}", "policy_gradient.steps=3"])
+    assert finished_summary(other) is None

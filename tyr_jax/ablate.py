@@ -46,7 +46,7 @@ from tyr_jax.evaluation.perplexity import perplexity
 from tyr_jax.pipeline import (build_mesh, calibration_windows, eval_windows, evaluate_levels, model_dtype, place,
                               pool_tokens, run_prune, run_supernet)
 from tyr_jax.results import load_keyed, save_keyed
-from tyr_jax.runconfig import RunConfig, load_run_config, parse_value, to_dict
+from tyr_jax.runconfig import RunConfig, load_run_config, parse_value, result_key, to_dict
 
 # Config keys whose variants share one vmapped supernet build (`supernet.build_supernets`).
 VMAP_KEYS = tuple(f"supernet.{name}" for name in sn.VARIANT_FIELDS)
@@ -183,11 +183,11 @@ def _result_path(v: Variant) -> pathlib.Path:
 
 def _load_result(v: Variant) -> dict | None:
     """The saved result of a variant, if it was computed with this very config."""
-    return load_keyed(_result_path(v), to_dict(v.rc))
+    return load_keyed(_result_path(v), result_key(to_dict(v.rc)))
 
 
 def _save_result(v: Variant, value: dict) -> None:
-    save_keyed(_result_path(v), to_dict(v.rc), value)
+    save_keyed(_result_path(v), result_key(to_dict(v.rc)), value)
 
 
 def _centre_eval(v: Variant, shared: _Shared, store: sn.SupernetStore, progress: bool) -> dict:

@@ -24,7 +24,7 @@ from tyr_jax.loading import LoadedModel, load_model, load_tokenizer
 from tyr_jax.models import llama
 from tyr_jax.pruning import policy_gradient
 from tyr_jax.results import load_keyed, save_keyed, weights_sha256
-from tyr_jax.runconfig import CalibrationConfig, RunConfig, to_dict
+from tyr_jax.runconfig import CalibrationConfig, RunConfig, result_key, to_dict
 from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
 from tyr_jax.supernet import LevelPlan, SupernetStore, assemble, build_supernet, fingerprint
 
@@ -232,13 +232,13 @@ def _pbs2p(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: path
 
 
 def finished_summary(rc: RunConfig) -> dict | None:
-    """The summary.json of a finished run of this very config (the mesh aside: it does not change the
-    result), or None."""
+    """The summary.json of a finished run of this very config (the mesh and `runconfig.DISPLAY_ONLY` aside:
+    they do not change the result), or None."""
     try:
         summary = json.loads((pathlib.Path(rc.out) / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    same = lambda c: {k: v for k, v in c.items() if k != "mesh"}  # noqa: E731
+    same = lambda c: result_key({k: v for k, v in c.items() if k != "mesh"})  # noqa: E731
     stored = summary.get("config")
     return summary if isinstance(stored, dict) and same(stored) == same(json.loads(json.dumps(to_dict(rc)))) else None
 

@@ -65,8 +65,8 @@ def coarse_to_fine(weights: llama.Weights, cfg: ModelConfig, calib: np.ndarray, 
             if pool is None:
                 pool = search.FitnessPool(weights, cfg, pool_tokens, search_cfg, mesh=mesh, progress=progress)
             bank = search.load_bank(store, cfg, num_levels, dtype, mesh)
-            best, hist = search.run_search(weights, cfg, plan, bank, pool, search_cfg, out / f"iteration_{t}" / "search",
-                                           iteration=t, progress=progress)
+            best, hist = search.run_search(weights, cfg, plan, bank, pool, search_cfg,
+                                           out / f"iteration_{t}" / "search", iteration=t, progress=progress)
             del bank
             history.append([float(h) for h in hist])
             centres = search.removal_fractions(plan, best, cfg)

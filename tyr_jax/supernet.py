@@ -9,6 +9,10 @@ projection is pruned at E sparsities S_e; the activations handed on are the expe
 which, the projection being linear, is one pass with the averaged weights W̄ = Σ_e w_e W_e. The MLP
 sublayer follows on those activations. `expectation=False` hands on the dense output instead (the
 ablation, and what the reference code does by accident).
+
+One loop builds them, `build_supernets`, for V configs at once that differ only in `damp` and
+`expectation` (`tyr-jax ablate`), vmapped over a leading variant axis; a run's build is V = 1
+(`build_supernet`).
 """
 
 from __future__ import annotations

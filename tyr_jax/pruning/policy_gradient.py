@@ -392,8 +392,8 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
                 progress: bool = True) -> tuple[KeepProbs, np.ndarray]:
     """Runs (or resumes) the training loop; returns the final probabilities and the mean loss of every step.
 
-    `stream` is the calibration corpus as one token stream (training batches are drawn from it with
-    `sampler.sample_windows`, key fold_in(run key, step)); `calib_bt` are the windows for the Wanda-sp
+    `stream` is the calibration corpus as one token stream (step t's batch is what `sampler.sample_windows`
+    draws from it with key fold_in(run key, t), a span of steps at a time); `calib_bt` are the windows for the Wanda-sp
     statistics. The state is saved with Orbax under `state_dir` every `checkpoint_every` steps and at the
     end; a directory written with other settings (`fingerprint`) is refused. The host waits for the device
     only every `log_every` steps (and at checkpoints), to read the losses and move the progress bar.

@@ -4,6 +4,7 @@ they can express, the rest loads with trust_remote_code (tests/test_export_trans
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,8 +131,7 @@ def test_heterogeneous_pruning_loads_in_tyr_jax_and_says_why_transformers_needs_
     assert (tmp_path / "out" / NOTE_FILE).read_text().strip() == report["transformers_note"]
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
     assert model.cfg == small_cfg
-    for a, b in zip(jax.tree.leaves(model.weights), jax.tree.leaves(small), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(model.weights, small)
     with pytest.raises(ValueError, match="trust_remote_code=True"):  # the stock classes are not used
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=False)
 
@@ -160,8 +160,7 @@ def test_flap_o_and_down_biases_reload_exactly(keep, tmp_path):
     blk = model.weights.blocks[0]
     assert blk.attn.q_bias_kgh is None and blk.mlp.gate_bias_f is None and blk.mlp.down_bias_d is not None
     assert jax.tree.structure(model.weights) == jax.tree.structure(small)
-    for a, b in zip(jax.tree.leaves(model.weights), jax.tree.leaves(small), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(model.weights, small)
 
 
 def test_flap_biases_on_uniform_llama_load_in_transformers_with_zero_biases(tmp_path):

@@ -223,3 +223,18 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Settings that change what a run shows, never what it computes: left out where stored results are matched
+# to a config, so that work done before such a setting existed (or with another value) is found.
+DISPLAY_ONLY = ("policy_gradient.log_every",)
+
+
+def result_key(tree: dict) -> dict:
+    """A config as `to_dict` gives it (or as it reads back from JSON) without the `DISPLAY_ONLY` settings."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for dotted in DISPLAY_ONLY:
+        section, name = dotted.split(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(name, None)
+    return tree

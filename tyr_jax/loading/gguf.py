@@ -64,6 +64,12 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], Tok
     return config, state_dict, tokenizer
 
 
+def read_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a GGUF file alone (its metadata; no tensor is read)."""
+    reader = _open(pathlib.Path(path))
+    return _tokenizer({name: field.contents() for name, field in reader.fields.items()})
+
+
 def _open(path: pathlib.Path) -> gguf.GGUFReader:
     if not path.exists():
         raise FileNotFoundError(f"GGUF file {path} does not exist; pass the path of a .gguf file "

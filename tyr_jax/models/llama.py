@@ -335,9 +335,3 @@ def apply_masks(weights: Weights, cfg: ModelConfig, masks: UnitMasks) -> tuple[W
     blocks = [slice_block(b, np.flatnonzero(kv[i]), np.flatnonzero(mlp_m[i])) for i, b in enumerate(weights.blocks)]
     pruned_cfg = cfg.with_layer_sizes(kv.sum(axis=1), mlp_m.sum(axis=1))
     return dataclasses.replace(weights, blocks=blocks), pruned_cfg
-
-
-def full_masks(cfg: ModelConfig, dtype=jnp.float32) -> UnitMasks:
-    """All-ones masks (nothing pruned) for a dense `cfg`."""
-    return UnitMasks(kv_lk=jnp.ones((cfg.num_layers, cfg.num_kv_heads), dtype),
-                     mlp_lf=jnp.ones((cfg.num_layers, cfg.intermediate_size), dtype))

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from tyr_jax.pipeline import evaluation_finished
+from tyr_jax.results import evaluation_finished
 from tyr_jax.runconfig import load_run_config
 
 

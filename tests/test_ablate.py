@@ -87,16 +87,26 @@ def test_shape_changing_keys_run_sequentially(tiny_hf_dir, tmp_path):
     assert [[v.index for v in g] for g in groups] == [[0, 1], [2, 3]]
 
 
-def test_search_variants_run_the_whole_pipeline(tiny_hf_dir, tmp_path):
+def test_search_variants_run_coarse_to_fine_as_prune_does(tiny_hf_dir, tmp_path):
+    """A search variant runs Týr's supernets and searches only (no export, no dense evaluation), in the
+    directories `tyr-jax prune` uses: prune on a variant's directory resumes its finished work and
+    scores the same model."""
+    from tyr_jax.pipeline import run_prune
+
     model_dir, corpus = tiny_hf_dir
     cfg_file = _config(tmp_path, model_dir, corpus, method="tyr")
     out = tmp_path / "abl"
     table = ablate.run_ablation(cfg_file, [f"out={out}"], ["search.seed=0,1"], progress=False)
     assert [r["mode"] for r in table["rows"]] == ["sequential", "sequential"]
-    for r in table["rows"]:
-        summary = json.loads((out / r["out"] / "summary.json").read_text())
-        assert r["ppl"] == summary["ppl"]["pruned"] and r["params"] == summary["params"]["pruned"]
     assert (out / "ablation.png").stat().st_size
+    r = table["rows"][1]
+    assert (out / r["out"] / "iteration_0" / "search").is_dir() and not (out / r["out"] / "summary.json").exists()
+    block = out / r["out"] / "iteration_0" / "supernet" / "block_000"
+    before = block.stat().st_mtime_ns
+    summary = run_prune(load_run_config(cfg_file, ["search.seed=1", f"out={out / r['out']}"]), progress=False)
+    assert block.stat().st_mtime_ns == before                      # resumed, not rebuilt
+    np.testing.assert_allclose(r["ppl"], summary["ppl"]["pruned"], rtol=1e-5)
+    assert r["params"] == summary["params"]["pruned"]
 
 
 @pytest.mark.parametrize("vary, message", [

@@ -1,8 +1,10 @@
-"""Export of dense and pruned models: tyr-jax reloads give equal logits; transformers loads what it can express."""
+"""Export of dense and pruned models: tyr-jax reloads give equal logits; transformers' stock classes load what
+they can express, the rest loads with trust_remote_code (tests/test_export_transformers.py)."""
 
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import tokenizers
 import torch
 import transformers
 
-from tyr_jax.export import NOTE_FILE, export_model, save_safetensors, transformers_blockers
+from tyr_jax.export import NOTE_FILE, export_model, remote_code_config, save_safetensors, transformers_blockers
 from tyr_jax.loading import load_model
 from tyr_jax.loading.hf import SafetensorsFile, load_hf_dir, weights_to_hf
 from tyr_jax.models import llama
@@ -98,7 +100,7 @@ def _transformers_logits(out):
 def test_dense_model_exports_as_a_plain_hf_checkpoint(name, tmp_path):
     cfg, weights = _hf_dense(tmp_path, name)
     report = export_model(weights, cfg, tmp_path / "out")
-    assert report["tyr_jax"] and report["transformers"], report
+    assert report["tyr_jax"] and report["transformers"] and not report["trust_remote_code"], report
     hf = json.loads((tmp_path / "out" / "config.json").read_text())
     assert not any(k.startswith("tyr_") for k in hf) and not (tmp_path / "out" / NOTE_FILE).exists()
     model = _assert_tyr_reload_equal(tmp_path / "out", weights, cfg)
@@ -110,7 +112,7 @@ def test_dense_model_exports_as_a_plain_hf_checkpoint(name, tmp_path):
 def test_uniform_pruning_exports_as_a_smaller_dense_model(name, tmp_path):
     small, small_cfg = _pruned(tmp_path, name, UNIFORM)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert report["transformers"], report
+    assert not report["trust_remote_code"], report
     hf = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (hf["num_key_value_heads"], hf["num_attention_heads"], hf["intermediate_size"]) == (1, 2, 24)
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
@@ -120,25 +122,24 @@ def test_uniform_pruning_exports_as_a_smaller_dense_model(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_heterogeneous_pruning_loads_in_tyr_jax_and_says_why_not_transformers(name, tmp_path):
+def test_heterogeneous_pruning_loads_in_tyr_jax_and_says_why_transformers_needs_remote_code(name, tmp_path):
     small, small_cfg = _pruned(tmp_path, name, HETEROGENEOUS)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert not report["transformers"]
+    assert report["trust_remote_code"]
     assert "different numbers of KV groups (2, 1, 1)" in report["transformers_note"]
     assert "different numbers of MLP channels (48, 20, 33)" in report["transformers_note"]
     assert (tmp_path / "out" / NOTE_FILE).read_text().strip() == report["transformers_note"]
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
     assert model.cfg == small_cfg
-    for a, b in zip(jax.tree.leaves(model.weights), jax.tree.leaves(small), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(RuntimeError, match="mismatch"):  # the note is right: transformers refuses it
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    chex.assert_trees_all_equal(model.weights, small)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # the stock classes are not used
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=False)
 
 
 def test_removed_sublayers_are_named_in_the_note(tmp_path):
     small, small_cfg = _pruned(tmp_path, "llama", REMOVED)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert not report["transformers"]
+    assert report["trust_remote_code"]
     note = report["transformers_note"]
     assert "layer 1 has no attention heads" in note and "layer 2 has no MLP channels" in note
     assert "cannot remove a sublayer" in note
@@ -152,15 +153,14 @@ def test_flap_o_and_down_biases_reload_exactly(keep, tmp_path):
     small = _with_flap_biases(small)
     small_cfg = dataclasses.replace(small_cfg, o_bias=True)  # as supernet.assemble leaves it
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert not report["transformers"]
+    assert report["trust_remote_code"]
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
     assert (model.cfg.qkv_bias, model.cfg.o_bias, model.cfg.mlp_bias, model.cfg.down_bias) == (
         False, True, False, True)
     blk = model.weights.blocks[0]
     assert blk.attn.q_bias_kgh is None and blk.mlp.gate_bias_f is None and blk.mlp.down_bias_d is not None
     assert jax.tree.structure(model.weights) == jax.tree.structure(small)
-    for a, b in zip(jax.tree.leaves(model.weights), jax.tree.leaves(small), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(model.weights, small)
 
 
 def test_flap_biases_on_uniform_llama_load_in_transformers_with_zero_biases(tmp_path):
@@ -168,7 +168,7 @@ def test_flap_biases_on_uniform_llama_load_in_transformers_with_zero_biases(tmp_
     small, small_cfg = _prune(weights, cfg, UNIFORM)
     small = _with_flap_biases(small, layers={0, 2})  # layer 1 gets zero biases
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert report["transformers"], report
+    assert not report["trust_remote_code"], report
     assert "q_proj, k_proj, v_proj, gate_proj, up_proj are stored as zeros" in report["transformers_note"]
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
     assert model.cfg.bias_projections() == ["o_proj", "down_proj"]  # the zeros are not loaded
@@ -177,11 +177,11 @@ def test_flap_biases_on_uniform_llama_load_in_transformers_with_zero_biases(tmp_
                                rtol=0)
 
 
-def test_flap_biases_on_qwen2_are_tyr_jax_only(tmp_path):
+def test_flap_biases_on_qwen2_need_remote_code(tmp_path):
     small, small_cfg = _pruned(tmp_path, "qwen2", UNIFORM)
     small = _with_flap_biases(small)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert not report["transformers"]
+    assert report["trust_remote_code"]
     assert "Qwen2ForCausalLM has no bias on o_proj, down_proj" in report["transformers_note"]
     model = _assert_tyr_reload_equal(tmp_path / "out", small, small_cfg)
     assert model.cfg.bias_projections() == ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -192,7 +192,7 @@ def test_bf16_weights_export_and_reload_bit_exact(keep, tmp_path):
     cfg, weights = _hf_dense(tmp_path, "llama")
     small, small_cfg = _prune(jax.tree.map(lambda x: x.astype(jnp.bfloat16), weights), cfg, keep)
     report = export_model(small, small_cfg, tmp_path / "out")
-    assert report["transformers"] == (keep is UNIFORM)
+    assert report["trust_remote_code"] == (keep is HETEROGENEOUS)
     st = SafetensorsFile(tmp_path / "out" / "model.safetensors")
     assert {v["dtype"] for v in st.header.values()} == {"BF16"}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -202,11 +202,12 @@ def test_bf16_weights_export_and_reload_bit_exact(keep, tmp_path):
     for a, b in zip(jax.tree.leaves(model.weights), jax.tree.leaves(small), strict=True):
         assert a.dtype == b.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
-    if report["transformers"]:  # transformers reads the same bf16 bits
-        state = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-        for name, value in weights_to_hf(model.weights, model.cfg).items():
-            assert state[name].dtype == torch.bfloat16, name
-            np.testing.assert_array_equal(state[name].float().numpy(), value.astype(np.float32), err_msg=name)
+    # transformers reads the same bf16 bits, with its stock class or with the remote code
+    state = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", trust_remote_code=report["trust_remote_code"]).state_dict()
+    for name, value in weights_to_hf(model.weights, model.cfg).items():
+        assert state[name].dtype == torch.bfloat16, name
+        np.testing.assert_array_equal(state[name].float().numpy(), value.astype(np.float32), err_msg=name)
 
 
 def test_safetensors_writer_matches_the_reference_reader(tmp_path):
@@ -273,6 +274,17 @@ def test_bias_flags_round_trip_through_config_json(model_type, biases):
     assert ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf()))) == cfg
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_remote_code_config_maps_back_to_the_base_type(model_type):
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                      intermediate_size=48, model_type=model_type, o_bias=True).with_layer_sizes([2, 0, 1], [48, 10, 0])
+    hf = json.loads(json.dumps(remote_code_config(cfg, cfg.to_hf())))
+    assert hf["model_type"] == "tyr" and ModelConfig.from_hf(hf) == cfg
+    del hf["tyr_base_model_type"]
+    with pytest.raises(ValueError, match="no tyr_base_model_type.*export the model again"):
+        ModelConfig.from_hf(hf)
+
+
 @pytest.mark.parametrize("names", [["q_proj"], ["gate_proj", "up_proj"], ["o_proj", "lm_head"]])
 def test_unsupported_bias_sets_are_clear_errors(names):
     hf = ModelConfig(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -283,7 +295,7 @@ def test_unsupported_bias_sets_are_clear_errors(names):
 
 def test_transformers_still_builds_llama_layers_from_global_sizes():
     """Pins the fact the export relies on; if this fails, transformers learned per-layer Llama shapes and
-    export could write `per_layer_config` instead of declining."""
+    export could write `per_layer_config` instead of shipping modeling_tyr.py."""
     from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
     cfg = transformers.LlamaConfig(**{**TINY, "num_hidden_layers": 2},
@@ -295,7 +307,7 @@ def test_transformers_still_builds_llama_layers_from_global_sizes():
     assert layer.mlp.down_proj.weight.shape == (32, 48)  # `skip` is not read by the model
 
 
-def test_llama_head_counts_that_do_not_divide_hidden_size_are_declined():
+def test_llama_head_counts_that_do_not_divide_hidden_size_need_remote_code():
     kw = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=8,
               intermediate_size=48)
     (reason,) = transformers_blockers(ModelConfig(**kw))

@@ -6,6 +6,7 @@ seconds afterwards). They are skipped only where there is no cmake or C++ compil
 """
 
 import dataclasses
+import json
 import pathlib
 import shutil
 import subprocess
@@ -112,6 +113,19 @@ def test_tiny_pruned_model_runs_in_llama_cpp_with_tyr_jax_log_likelihoods(varian
 def test_tiny_dense_model_exports_as_llama(llama_cpp, tmp_path):
     weights, cfg, tok = _tiny("qwen2_biases", keep=None)
     assert export_gguf(weights, cfg, tmp_path / "m.gguf", source=tok, context_length=64)["arch"] == "llama"
+    ids = tok.encode(TEXT).ids[:40]
+    np.testing.assert_allclose(_llama_cpp_logprobs(llama_cpp, tmp_path / "m.gguf", ids),
+                               _tyr_logprobs(weights, cfg, ids), atol=1e-4)
+
+
+def test_cli_exports_a_remote_code_export_directory(llama_cpp, tmp_path, capsys):
+    """`tyr-jax export --model OUT/model` on a per-layer export (model_type tyr, modeling_tyr.py for
+    transformers) writes a deci file with the same log-likelihoods."""
+    weights, cfg, tok = _tiny("flap_biases")
+    assert export_model(weights, cfg, tmp_path / "model", tokenizer=tok)["trust_remote_code"]
+    assert cli_main(["export", "--model", str(tmp_path / "model"), "--gguf", str(tmp_path / "m.gguf"),
+                     "--context-length", "64"]) == 0
+    assert "llama.cpp architecture deci" in capsys.readouterr().out
     ids = tok.encode(TEXT).ids[:40]
     np.testing.assert_allclose(_llama_cpp_logprobs(llama_cpp, tmp_path / "m.gguf", ids),
                                _tyr_logprobs(weights, cfg, ids), atol=1e-4)
@@ -233,6 +247,23 @@ def test_prune_config_refuses_gguf_for_pbs2p():
     with pytest.raises(ValueError, match="pbs2p.*GGUF"):
         load_run_config(None, ["method=pbs2p", "export.gguf=true"])
     assert load_run_config(None, ["export.gguf=true", "export.gguf_type=f16"]).export.gguf_type == "f16"
+
+
+def test_work_stored_before_the_export_section_is_found_only_for_its_defaults(tmp_path):
+    """A summary (or an ablation result) stored before the `export` section existed holds none: it is the
+    finished run of the default export settings, not of `export.gguf=true` (which has a file to write)."""
+    from tyr_jax.pipeline import finished_summary
+    from tyr_jax.runconfig import load_run_config, result_key, to_dict
+
+    rc = load_run_config(None, [f"out={tmp_path}"])
+    stored = to_dict(rc)
+    del stored["export"]
+    (tmp_path / "summary.json").write_text(json.dumps({"config": stored, "ppl": 1.0}))
+    assert finished_summary(rc)["ppl"] == 1.0
+    assert json.dumps(result_key(to_dict(rc))) == json.dumps(result_key(stored))   # an ablation's result key
+    gguf = load_run_config(None, [f"out={tmp_path}", "export.gguf=true"])
+    assert finished_summary(gguf) is None
+    assert result_key(to_dict(gguf)) != result_key(stored)
 
 
 def test_prune_with_export_gguf_writes_a_model_llama_cpp_runs(tiny_hf_dir, llama_cpp, tmp_path):

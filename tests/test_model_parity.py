@@ -1,6 +1,7 @@
 """Logits of our Flax-free pure-JAX decoder against transformers' PyTorch models, fp32, within 1e-4."""
 
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,8 +125,7 @@ def test_pruned_model_saves_and_reloads(tmp_path):
     state = weights_to_hf(small, small_cfg)
     tensors = {k: (lambda v=v: v) for k, v in state.items()}
     again = weights_from_hf(ModelConfig.from_hf(small_cfg.to_hf()), tensors)
-    for a, b in zip(jax.tree.leaves(small), jax.tree.leaves(again)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(small, again)
 
 
 def test_param_count_matches_transformers():

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,8 +221,7 @@ def test_model_export_loads_back_exactly_with_two_values_per_row_and_block(tmp_p
     meta = {"variant": "pbs2p", "m": 8, "block_size": 16, "n_per_layer": ns}
     report = packed.export_binary(weights, CFG, layers, meta, tmp_path / "model")
     loaded = load_model(tmp_path / "model")
-    for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(loaded.weights)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(weights, loaded.weights)
     for i, blk in enumerate(loaded.weights.blocks):
         w_oi = np.asarray(blk.mlp.down_fd).T
         keep = w_oi != 0
@@ -247,8 +247,7 @@ def test_killed_run_resumes_after_its_last_block(tmp_path, monkeypatch):
         _compress(tmp_path, pcfg, name="killed")
     monkeypatch.setattr(compress.Pbs2pStore, "save_block", save)
     _, (resumed, _, _) = _compress(tmp_path, pcfg, name="killed")
-    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(whole, resumed)
 
 
 def test_mesh_run_equals_one_device(tmp_path):
@@ -305,13 +304,11 @@ def test_dense_blocks_stay_exact_and_the_export_loads(tmp_path):
     pcfg = compress.Pbs2pConfig(block_size=16, dense_blocks=(0,))
     dense, (weights, layers, ns) = _compress(tmp_path, pcfg)
     assert ns[0] is None and sum(ns[1:]) == 6 * 2 and layers[0] is None
-    for a, b in zip(jax.tree.leaves(dense.blocks[0]), jax.tree.leaves(weights.blocks[0])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(dense.blocks[0], weights.blocks[0])
     meta = {"variant": "pbs2p", "m": 8, "block_size": 16, "n_per_layer": ns}
     packed.export_binary(weights, CFG, layers, meta, tmp_path / "model")
     loaded = load_model(tmp_path / "model")
-    for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(loaded.weights)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(weights, loaded.weights)
     with pytest.raises(ValueError, match="pbs2p.dense_blocks"):
         _compress(tmp_path, compress.Pbs2pConfig(block_size=16, dense_blocks=(3,)), name="bad")
 

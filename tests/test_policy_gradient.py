@@ -5,6 +5,7 @@ import itertools
 import json
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tyr_jax.cli import main
+from tyr_jax.data import sampler
 from tyr_jax.loading import load_model
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
@@ -155,9 +157,8 @@ def test_a_step_with_a_non_finite_loss_changes_nothing():
     masks = pg.sample(state.probs, key=jax.random.key(1))
     after = pg.update(state, masks, jnp.array([3.0, jnp.nan]))
     assert int(after.step) == 1
-    for a, b in zip(jax.tree.leaves((after.probs, after.opt_state, after.baseline)),
-                    jax.tree.leaves((state.probs, state.opt_state, state.baseline))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal((after.probs, after.opt_state, after.baseline),
+                                (state.probs, state.opt_state, state.baseline))
     moved = pg.update(state, masks, jnp.array([3.0, 2.0]))
     assert not np.array_equal(np.asarray(moved.probs.mlp_lf), np.asarray(state.probs.mlp_lf))
 
@@ -184,24 +185,55 @@ def test_learning_on_a_mesh_equals_one_device(weights, learned_on_one_device, tm
     assert put_batch(np.zeros((8, 9), np.int32), mesh).sharding.spec == P("data", None)
     probs, losses = _learn(place(weights, mesh), tmp_path / "mesh", mesh=mesh, batch_size=8, init="wanda_sp")
     want_probs, want_losses = learned_on_one_device
-    for got, want in zip(probs, want_probs):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    chex.assert_trees_all_close(probs, want_probs, atol=1e-5)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
 
 
 def _killed_at_step_5(monkeypatch, run):
-    """Runs `run()` with the training loop interrupted at step 5 (after the checkpoint of step 4)."""
-    batch = pgm._batch
+    """Runs `run()` with the training loop interrupted before step 5 (after the checkpoint of step 4)."""
+    batches = pgm._batches
 
-    def dies(stream, pcfg, key, step):
-        if step == 5:
+    def dies(stream, pcfg, key, steps):
+        if 5 in steps:
             raise KeyboardInterrupt
-        return batch(stream, pcfg, key, step)
+        return batches(stream, pcfg, key, steps)
 
-    monkeypatch.setattr(pgm, "_batch", dies)
+    monkeypatch.setattr(pgm, "_batches", dies)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(pgm, "_batch", batch)
+    monkeypatch.setattr(pgm, "_batches", batches)
+
+
+def test_the_host_looks_every_log_every_steps_and_results_do_not_change(weights, tmp_path, monkeypatch):
+    """Losses reach the host once per `log_every` steps (and at checkpoints), batches are drawn once per
+    span; what is learned is the same bit for bit as looking at every step, and equals batches drawn
+    one step at a time."""
+    calls = {"log": [], "batches": 0}
+    log, batches = pgm._log, pgm._batches
+
+    def counted_log(bar, steps, *args):
+        calls["log"].append((steps.start, steps.stop))
+        return log(bar, steps, *args)
+
+    def counted_batches(*args):
+        calls["batches"] += 1
+        return batches(*args)
+
+    monkeypatch.setattr(pgm, "_log", counted_log)
+    monkeypatch.setattr(pgm, "_batches", counted_batches)
+    every_step = _learn(weights, tmp_path / "a", steps=7, checkpoint_every=4, log_every=1)
+    assert len(calls["log"]) == 7
+    calls["log"].clear()
+    spans = _learn(weights, tmp_path / "b", steps=7, checkpoint_every=4, log_every=3)
+    assert calls["log"] == [(0, 3), (3, 4), (4, 6), (6, 7)] and calls["batches"] == 7 + 4
+    chex.assert_trees_all_equal(spans, every_step)
+    key_data = jax.random.key_data(jax.random.key(42))
+    stream = np.random.default_rng(3).integers(0, CFG.vocab_size, 500).astype(np.int32)
+    pcfg = pgm.PolicyGradientConfig(batch_size=2, seq_len=8)
+    drawn = batches(stream, pcfg, key_data, range(2, 5))
+    for s, step in enumerate(range(2, 5)):
+        one = sampler.sample_windows(stream, 2, 9, key=pgm.step_keys(key_data, step)[0])
+        np.testing.assert_array_equal(drawn[s], one)
 
 
 def test_a_run_killed_on_a_mesh_resumes_on_one_device(weights, learned_on_one_device, tmp_path, monkeypatch):
@@ -209,8 +241,7 @@ def test_a_run_killed_on_a_mesh_resumes_on_one_device(weights, learned_on_one_de
     _killed_at_step_5(monkeypatch, lambda: _learn(place(weights, mesh), tmp_path, mesh=mesh, batch_size=8,
                                                   init="wanda_sp"))
     probs, losses = _learn(weights, tmp_path, batch_size=8, init="wanda_sp")
-    for got, want in zip(probs, learned_on_one_device[0]):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    chex.assert_trees_all_close(probs, learned_on_one_device[0], atol=1e-5)
     np.testing.assert_allclose(losses, learned_on_one_device[1], rtol=1e-5)
 
 
@@ -224,8 +255,7 @@ def test_resume_after_an_interruption_gives_the_identical_result(weights, tmp_pa
     _killed_at_step_5(monkeypatch, lambda: _learn(weights, tmp_path / "b", **gates))
     assert ocp.CheckpointManager((tmp_path / "b").absolute()).latest_step() == 4
     resumed, resumed_losses = _learn(weights, tmp_path / "b", **gates)
-    for a, b in zip(probs, resumed):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(probs, resumed)
     np.testing.assert_array_equal(losses, resumed_losses)
     # A finished run is found finished; other settings are refused, not mixed in.
     again, _ = _learn(weights, tmp_path / "b", **gates)

@@ -1,4 +1,5 @@
-"""`tyr-jax prune` end to end on a tiny model: every stage runs, the export reloads, a re-run resumes."""
+"""`tyr-jax prune` end to end on a tiny model: every stage runs, the export reloads (in transformers too), a
+re-run resumes."""
 
 import json
 import os
@@ -7,6 +8,8 @@ import re
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from tyr_jax.cli import main
 from tyr_jax.loading import load_model
@@ -41,12 +44,21 @@ mesh: {{data: 2, model: 2}}
     exported = load_model(out / "model")
     assert exported.cfg.kv_groups == tuple(r["kv_groups_kept"] for r in summary["per_layer"])
     tokens = np.random.default_rng(0).integers(0, exported.cfg.vocab_size, (1, 16)).astype(np.int32)
-    assert np.isfinite(np.asarray(llama.forward(exported.weights, tokens, exported.cfg))).all()
+    logits = np.asarray(llama.forward(exported.weights, tokens, exported.cfg))
+    assert np.isfinite(logits).all()
+    # transformers loads the export too (per-layer sizes through the bundled modeling_tyr.py), as printed.
+    remote = summary["export"]["trust_remote_code"]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=remote)
+    with torch.no_grad():
+        hf_logits = hf_model.eval()(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(hf_logits, logits, atol=1e-4, rtol=0)
+    printed = capsys.readouterr().out
+    assert f"from_pretrained('{out}/model'{', trust_remote_code=True' if remote else ''})" in printed
     # Out-of-domain perplexity (the default eval.ood_corpus, news) in the same windows, printed too.
     ood = summary["ppl_ood"]
     assert ood["text"] == "news" and ood["tokens_scored"] == 32 * 31
     assert np.isfinite([ood["dense"], ood["pruned"]]).all()
-    assert "out-of-domain perplexity" in capsys.readouterr().out
+    assert "out-of-domain perplexity" in printed
     # A finished run re-run is returned as it is: nothing re-exported, its wall time kept.
     text, model_time = (out / "summary.json").read_text(), (out / "model" / "config.json").stat().st_mtime_ns
     assert main(["prune", "--config", str(cfg_file), "--out", str(out)]) == 0
@@ -162,23 +174,12 @@ def test_a_killed_evaluation_resumes_with_the_parts_not_yet_done(tmp_path, monke
     assert calls[5] == "ppl"                                 # another key: computed anew
 
 
-def test_weights_digest_tells_apart_values_shapes_and_dtypes():
-    from tyr_jax.pipeline import weights_sha256
-
-    a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    digest = weights_sha256(a)
-    assert weights_sha256({"w": a["w"].copy()}) == digest
-    assert weights_sha256({"w": a["w"] + 1}) != digest
-    assert weights_sha256({"w": a["w"].reshape(3, 2)}) != digest
-    assert weights_sha256({"w": a["w"].view(np.int32)}) != digest
-
-
 def test_compare_methods_shares_only_a_finished_dense_evaluation(tmp_path):
     # A run writes dense_eval.json part by part; a partial one copied to the other runs would make each of
     # them compute the missing tasks again.
     import importlib.util
 
-    from tyr_jax.pipeline import evaluation_finished, save_keyed
+    from tyr_jax.results import evaluation_finished, save_keyed
 
     spec = importlib.util.spec_from_file_location(
         "compare_methods", pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py")
@@ -250,3 +251,19 @@ eval: {{corpus: {corpus}, seq_len: 32, batch_size: 2}}
     bad = subprocess.run([sys.executable, str(script), "--out", str(out), f"{cfg_file}:pruneit"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "method 'pruneit' is unknown" in bad.stderr
+
+
+def test_a_run_finished_before_a_display_setting_existed_is_still_found(tmp_path):
+    """`policy_gradient.log_every` changes what is shown, not what is computed: a summary stored without
+    it (or with another value) is the finished run of the config, and an ablation's result is found too."""
+    from tyr_jax.pipeline import finished_summary
+    from tyr_jax.runconfig import load_run_config, result_key, to_dict
+
+    rc = load_run_config(None, [f"out={tmp_path}", "policy_gradient.log_every=7"])
+    stored = to_dict(rc)
+    del stored["policy_gradient"]["log_every"]
+    (tmp_path / "summary.json").write_text(json.dumps({"config": stored, "ppl": 1.0}))
+    assert finished_summary(rc)["ppl"] == 1.0
+    assert json.dumps(result_key(to_dict(rc))) == json.dumps(result_key(stored))   # an ablation's result key
+    other = load_run_config(None, [f"out={tmp_path}", "policy_gradient.steps=3"])
+    assert finished_summary(other) is None

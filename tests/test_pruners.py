@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,8 +182,7 @@ def test_contract_deterministic_and_no_retrace(name):
         inputs = _inputs(seed)
         got = fn(*inputs)
         want = _jitted(name)(*inputs, **CONTRACT_KWARGS)
-        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        chex.assert_trees_all_equal(got, want)
     assert len(traces) == 1
     assert fn._cache_size() == 1
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,9 +53,9 @@ def test_expectation_propagation_is_the_weighted_mean_of_the_copies(tmp_path):
     blk, stored = weights.blocks[0], store.load_block(0)
     x = llama.embed(weights, jnp.asarray(_calib()[:4]))
     rope = llama.rope_tables(CFG, llama.default_positions(x[..., 0]))
-    # The propagation steps donate their input buffers: hand them copies.
-    got_mid = sn.propagate_attention(blk, stored["attn"], plan.attn[0], [jnp.array(x)], rope, CFG, True)[0]
-    got_out = sn.propagate_mlp(blk, stored["mlp"], plan.mlp[0], [jnp.array(got_mid)], CFG, True)[0]
+    # The propagation steps take a leading variant axis (here one) and donate their input buffers.
+    got_mid = sn.propagate_attention(blk, [stored["attn"]], plan.attn[0], [x[None]], rope, CFG, [True])[0][0]
+    got_out = sn.propagate_mlp(blk, [stored["mlp"]], plan.mlp[0], [got_mid[None]], CFG, [True])[0][0]
 
     def copy(level):  # the physically pruned block of one attention / MLP copy
         a, m = stored["attn"][f"level_{level}"], stored["mlp"][f"level_{level}"]
@@ -69,7 +70,7 @@ def test_expectation_propagation_is_the_weighted_mean_of_the_copies(tmp_path):
     np.testing.assert_allclose(np.asarray(got_mid), np.asarray(want_mid), atol=1e-5)
     np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=1e-5)
     # The ablation hands on the dense output instead, which differs.
-    dense = sn.propagate_attention(blk, stored["attn"], plan.attn[0], [jnp.array(x)], rope, CFG, False)[0]
+    dense = sn.propagate_attention(blk, [stored["attn"]], plan.attn[0], [x[None]], rope, CFG, [False])[0][0]
     np.testing.assert_allclose(np.asarray(dense), np.asarray(x + llama.attention(blk.attn, x, CFG, rope)), atol=1e-5)
     assert not np.allclose(np.asarray(dense), np.asarray(got_mid), atol=1e-3)
 
@@ -105,9 +106,30 @@ def test_killed_build_resumes_bit_identically(tmp_path, monkeypatch):
     resumed, _, _ = _build(tmp_path, name="resumed")
     assert (tmp_path / "resumed" / "block_000").stat().st_mtime_ns == before    # not rebuilt
     for i in range(CFG.num_layers):
-        a, b = full.load_block(i), resumed.load_block(i)
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-            np.testing.assert_array_equal(x, y)
+        chex.assert_trees_all_equal(full.load_block(i), resumed.load_block(i))
+
+
+def test_variants_built_together_equal_each_built_alone(tmp_path):
+    """One pass over V configs (damp, expectation vary): store v holds what config v built alone holds;
+    a store that already has its blocks is replayed, not rebuilt; other differences are refused."""
+    kw = {"min_step_channels": 4, "mlp_round_size": 4}
+    scfgs = [sn.SupernetConfig(damp=0.01, **kw), sn.SupernetConfig(damp=0.1, **kw),
+             sn.SupernetConfig(damp=0.1, expectation=False, **kw)]
+    plan, calib = sn.LevelPlan.centred(CFG, scfgs[0]), _calib()
+    alone = [_build(tmp_path, name=f"alone{v}", damp=s.damp, expectation=s.expectation)[0]
+             for v, s in enumerate(scfgs)]
+    stores = [sn.SupernetStore(tmp_path / f"together{v}", a.fingerprint) for v, a in enumerate(alone)]
+    # Variant 1's store is finished already: its blocks must stay, the others are built alongside.
+    sn.build_supernet(_model(), CFG, calib, scfgs[1], plan, stores[1], batch_size=4, progress=False)
+    before = (stores[1].root / "block_000").stat().st_mtime_ns
+    sn.build_supernets(_model(), CFG, calib, scfgs, plan, stores, batch_size=4, progress=False)
+    assert (stores[1].root / "block_000").stat().st_mtime_ns == before
+    for want, got in zip(alone, stores):
+        for i in range(CFG.num_layers):   # the same kept units (bools), weights up to fp32 rounding
+            chex.assert_trees_all_close(want.load_block(i), got.load_block(i), atol=1e-5)
+    differ = [scfgs[0], dataclasses.replace(scfgs[0], mlp_round_size=8)]
+    with pytest.raises(ValueError, match="may differ only in damp, expectation"):
+        sn.build_supernets(_model(), CFG, calib, differ, plan, stores[:2], batch_size=4, progress=False)
 
 
 def test_mismatched_store_is_refused_and_left_untouched(tmp_path):

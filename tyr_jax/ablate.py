@@ -7,19 +7,21 @@ re-run skips finished variants. What a variant yields:
   * a method without search (`uniform`, `flap`, `wanda_sp`, `magnitude`, or `tyr` with
     `search.iterations=0`): the held-out perplexity of the model made of every sublayer's centre copy
     (the target sparsity everywhere), as `scripts/ablate_uniform.py` measures it;
-  * `method: tyr` with search, `policy_gradient` and `pbs2p`: the whole `tyr-jax prune` pipeline, its
-    model's perplexity.
+  * `method: tyr` with search: Týr's coarse-to-fine supernets and searches (`coarse_to_fine`, as
+    `tyr-jax prune` runs them, in the same directories), the searched model's perplexity;
+  * `policy_gradient` and `pbs2p`: the whole `tyr-jax prune` pipeline, its model's perplexity.
 
 How variants run (the table's `mode` column says which):
 
   * vmap — variants without search whose configs differ only in `VMAP_KEYS` build their supernets in
-    one pass: the activations carry a leading variant axis, and each block's statistics, pruner call
-    and propagation are one compiled call vmapped over the variants. `supernet.damp` is a traced
-    number inside the Týr pruner; `supernet.expectation` only chooses which output projection (the
-    Eq. 5 average or the dense one) a variant hands on, i.e. data. The activations, and so the
-    statistics of every later sublayer, are per variant — the copies of variant v depend on its own
-    earlier copies through Eq. 5 — so each store holds exactly what building that variant alone would
-    write (same fingerprint; up to fp32 rounding of batched matmuls).
+    one pass of `supernet.build_supernets` (the build every run uses, with V = 1): the activations
+    carry a leading variant axis, and each block's statistics, pruner call and propagation are one
+    compiled call vmapped over the variants. `supernet.damp` is a traced number inside the Týr pruner;
+    `supernet.expectation` only chooses which output projection (the Eq. 5 average or the dense one) a
+    variant hands on, i.e. data. The activations, and so the statistics of every later sublayer, are
+    per variant — the copies of variant v depend on its own earlier copies through Eq. 5 — so each
+    store holds exactly what building that variant alone would write (same fingerprint; up to fp32
+    rounding of batched matmuls).
   * sequential — everything else, one variant after another: round sizes and `num_levels`/steps change
     the pruner's static schedule and the copies' shapes, `search.top_k` is a `lax.top_k` size,
     `search.seed` drives a host-side evolutionary loop, and a search follows its own supernets.
@@ -29,30 +31,25 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import itertools
 import json
 import pathlib
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from tyr_jax import plots, supernet as sn
 from tyr_jax.loading import load_model
-from tyr_jax.models import llama
-from tyr_jax.models.config import ModelConfig
-from tyr_jax.pipeline import (calibration_tokens, eval_windows, evaluate_levels, load_keyed, model_dtype, run_prune,
-                              run_supernet, save_keyed)
-from tyr_jax.pruning import SublayerStats, get_pruner
-from tyr_jax.runconfig import RunConfig, load_run_config, parse_value, to_dict
+from tyr_jax.coarse_to_fine import coarse_to_fine
+from tyr_jax.data import corpora, sampler
+from tyr_jax.evaluation.perplexity import perplexity
+from tyr_jax.pipeline import (build_mesh, calibration_windows, eval_windows, evaluate_levels, model_dtype, place,
+                              pool_tokens, run_prune, run_supernet)
+from tyr_jax.results import load_keyed, save_keyed
+from tyr_jax.runconfig import RunConfig, load_run_config, parse_value, result_key, to_dict
 
-# Config keys whose variants share one vmapped supernet build (SupernetConfig field names after the dot).
-VMAP_KEYS = ("supernet.damp", "supernet.expectation")
-# Pruner hyper-parameters passed as traced numbers under vmap; the others (round sizes) are static.
-TRACED_HPARAMS = ("damp",)
+# Config keys whose variants share one vmapped supernet build (`supernet.build_supernets`).
+VMAP_KEYS = tuple(f"supernet.{name}" for name in sn.VARIANT_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,110 +141,6 @@ def vmap_groups(variants: list[Variant]) -> list[list[Variant]]:
     return list(groups.values())
 
 
-# -- the vmapped supernet build ------------------------------------------------------------------------
-# The per-variant steps are build_supernet's own jitted steps, vmapped over a leading variant axis, so
-# the two paths compute the same function.
-
-
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=2)
-def _attn_stats_v(attn, x_vbtd, stats_v, rope, cfg):
-    return jax.vmap(lambda x, s: sn._attn_stats(attn, x, s, rope, cfg))(x_vbtd, stats_v)
-
-
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
-def _attn_apply_v(attn, x_vbtd, w_vio, bias_vd, rope, cfg):
-    return jax.vmap(lambda x, w, b: sn._attn_apply(attn, x, w, b, rope, cfg))(x_vbtd, w_vio, bias_vd)
-
-
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=2)
-def _mlp_stats_v(mlp_w, x_vbtd, stats_v, cfg):
-    return jax.vmap(lambda x, s: sn._mlp_stats(mlp_w, x, s, cfg))(x_vbtd, stats_v)
-
-
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
-def _mlp_apply_v(mlp_w, x_vbtd, w_vio, bias_vd, cfg):
-    return jax.vmap(lambda x, w, b: sn._mlp_apply(mlp_w, x, w, b, cfg))(x_vbtd, w_vio, bias_vd)
-
-
-@functools.partial(jax.jit, static_argnames=("method", "unit_size", "removals", "hparams"))
-def _prune_levels_v(w_io, stats_v, traced_v, method, unit_size, removals, hparams):
-    """One pruner call per variant, vmapped: its own statistics and traced hyper-parameters [V]."""
-    pruner = get_pruner(method)
-
-    def one(stats, traced):
-        return pruner(w_io, stats, unit_size=unit_size, removals=removals, **traced, **dict(hparams))
-
-    return jax.vmap(one)(stats_v, traced_v)
-
-
-def _hparams_v(scfgs: list[sn.SupernetConfig], kind: str) -> tuple[dict, tuple]:
-    """({name: [V] fp32} traced, ((name, value), ...) static) pruner hyper-parameters of the variants."""
-    hps = [s.hparams(kind) for s in scfgs]
-    traced = {k: jnp.asarray([hp[k] for hp in hps], jnp.float32) for k in TRACED_HPARAMS if k in hps[0]}
-    static = tuple(sorted((k, v) for k, v in hps[0].items() if k not in traced))
-    if any(tuple(sorted((k, v) for k, v in hp.items() if k not in traced)) != static for hp in hps):
-        raise ValueError(f"variants differ in static {kind} hyper-parameters; they cannot share a vmapped build")
-    return traced, static
-
-
-def _take(tree, v: int):
-    return jax.tree.map(lambda a: a[v], tree)
-
-
-def _zeros_v(d_in: int, num: int) -> SublayerStats:
-    return jax.tree.map(lambda a: jnp.zeros((num,) + a.shape, a.dtype), SublayerStats.zeros(d_in))
-
-
-def build_supernets_vmapped(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.ndarray,
-                            scfgs: list[sn.SupernetConfig], plan: sn.LevelPlan, stores: list[sn.SupernetStore],
-                            *, batch_size: int = 8, progress: bool = True) -> None:
-    """`build_supernet` for V configs that differ only in `VMAP_KEYS`, in one pass over the blocks.
-
-    Activations are [V, B, T, D]: variant v's statistics come from its own Eq. 5 propagation, so store v
-    ends up holding what `build_supernet(..., scfgs[v], plan, stores[v])` writes. Blocks that every
-    store already holds are replayed, not rebuilt."""
-    num = len(scfgs)
-    if len(stores) != num:
-        raise ValueError(f"{num} configs but {len(stores)} stores")
-    neutral = {name.split(".")[1]: getattr(sn.SupernetConfig(), name.split(".")[1]) for name in VMAP_KEYS}
-    if len({dataclasses.replace(s, **neutral) for s in scfgs}) != 1:
-        raise ValueError(f"vmapped variants may differ only in {', '.join(VMAP_KEYS)}")
-    chunks = sn.calibration_batches(cfg, calib_tokens, batch_size)
-    d, attn_unit = cfg.hidden_size, cfg.q_per_kv * cfg.head_dim
-    method = scfgs[0].method
-    rope = llama.rope_tables(cfg, llama.default_positions(jnp.asarray(chunks[0])))
-    xs = [jnp.repeat(llama.embed(weights, jnp.asarray(c))[None], num, axis=0) for c in chunks]
-    attn_hp, mlp_hp = _hparams_v(scfgs, "attn"), _hparams_v(scfgs, "mlp")
-    for i in tqdm(range(cfg.num_layers), desc=f"supernet ×{num} (vmap)", unit="block", disable=not progress):
-        blk = weights.blocks[i]
-        o_io = blk.attn.o_kghd.reshape(-1, d)
-        missing = [v for v in range(num) if not stores[v].has_block(i)]
-        stored = [{} if v in missing else stores[v].load_block(i) for v in range(num)]
-        if missing:
-            stats = _zeros_v(cfg.num_kv_heads * attn_unit, num)
-            for x in xs:
-                stats = _attn_stats_v(blk.attn, x, stats, rope, cfg)
-            result = _prune_levels_v(o_io, stats, attn_hp[0], method, attn_unit, plan.attn[i], attn_hp[1])
-            for v in missing:
-                stored[v]["attn"] = sn.compact_levels(_take(result, v), attn_unit)
-        w_v, b_v = zip(*(sn._propagation_weights(s["attn"], o_io, blk.attn.o_bias_d, plan.attn[i], cfg.num_kv_heads,
-                                                 attn_unit, scfg.expectation) for s, scfg in zip(stored, scfgs)))
-        xs = [_attn_apply_v(blk.attn, x, jnp.stack(w_v), jnp.stack(b_v), rope, cfg) for x in xs]
-        if missing:
-            stats = _zeros_v(cfg.intermediate_size, num)
-            for x in xs:
-                stats = _mlp_stats_v(blk.mlp, x, stats, cfg)
-            result = _prune_levels_v(blk.mlp.down_fd, stats, mlp_hp[0], method, 1, plan.mlp[i], mlp_hp[1])
-            for v in missing:
-                stored[v]["mlp"] = sn.compact_levels(_take(result, v), 1)
-                stores[v].save_block(i, stored[v])
-        w_v, b_v = zip(*(sn._propagation_weights(s["mlp"], blk.mlp.down_fd, blk.mlp.down_bias_d, plan.mlp[i],
-                                                 cfg.intermediate_size, 1, scfg.expectation)
-                         for s, scfg in zip(stored, scfgs)))
-        xs = [_mlp_apply_v(blk.mlp, x, jnp.stack(w_v), jnp.stack(b_v), cfg) for x in xs]
-        jax.block_until_ready(xs)
-
-
 # -- running the grid ------------------------------------------------------------------------------------
 
 
@@ -271,9 +164,14 @@ class _Shared:
 
         return self._get(["model", rc.model, rc.dtype], make)
 
+    def stream(self, rc: RunConfig) -> np.ndarray:
+        """The calibration corpus, tokenized."""
+        return self._get(["stream", rc.model, rc.calibration.corpus],
+                         lambda: sampler.tokenize(self.model(rc).tokenizer, corpora.load_text(rc.calibration.corpus)))
+
     def calib(self, rc: RunConfig) -> np.ndarray:
         return self._get(["calib", rc.model, to_dict(rc.calibration)],
-                         lambda: calibration_tokens(self.model(rc).tokenizer, rc.calibration))
+                         lambda: calibration_windows(self.stream(rc), rc.calibration))
 
     def windows(self, rc: RunConfig) -> np.ndarray:
         return self._get(["eval", rc.model, to_dict(rc.eval)], lambda: eval_windows(self.model(rc).tokenizer, rc))
@@ -285,11 +183,11 @@ def _result_path(v: Variant) -> pathlib.Path:
 
 def _load_result(v: Variant) -> dict | None:
     """The saved result of a variant, if it was computed with this very config."""
-    return load_keyed(_result_path(v), to_dict(v.rc))
+    return load_keyed(_result_path(v), result_key(to_dict(v.rc)))
 
 
 def _save_result(v: Variant, value: dict) -> None:
-    save_keyed(_result_path(v), to_dict(v.rc), value)
+    save_keyed(_result_path(v), result_key(to_dict(v.rc)), value)
 
 
 def _centre_eval(v: Variant, shared: _Shared, store: sn.SupernetStore, progress: bool) -> dict:
@@ -314,8 +212,8 @@ def _run_group(group: list[Variant], shared: _Shared, progress: bool) -> None:
         stores.append(sn.SupernetStore(v.out / "supernet", sn.fingerprint(model.cfg, v.rc.supernet, plan, calib,
                                                                           v.rc.model, dtype)))
     start = time.perf_counter()
-    build_supernets_vmapped(model.weights, model.cfg, calib, [v.rc.supernet for v in group], plan, stores,
-                            batch_size=rc0.calibration.batch_size, progress=progress)
+    sn.build_supernets(model.weights, model.cfg, calib, [v.rc.supernet for v in group], plan, stores,
+                       batch_size=rc0.calibration.batch_size, progress=progress)
     build_share = (time.perf_counter() - start) / len(group)
     for v, store in zip(group, stores):
         start = time.perf_counter()
@@ -323,15 +221,30 @@ def _run_group(group: list[Variant], shared: _Shared, progress: bool) -> None:
         _save_result(v, {"mode": "vmap", **metrics, "wall_s": build_share + time.perf_counter() - start})
 
 
-def _run_alone(v: Variant, shared: _Shared, progress: bool) -> None:
+def _searched_eval(v: Variant, shared: _Shared, progress: bool) -> dict:
+    """Perplexity and parameters of the model Týr's coarse-to-fine search picks, on the variant's mesh
+    (its supernets and searches under the variant's directory, laid out and resumable as `tyr-jax prune`'s)."""
+    rc, mesh = v.rc, build_mesh(v.rc)
+    model = shared.model(rc)
+    v.out.mkdir(parents=True, exist_ok=True)
+    (v.out / "run_config.json").write_text(json.dumps(to_dict(rc), indent=1))
+    weights, cfg, _ = coarse_to_fine(place(model.weights, mesh), model.cfg, shared.calib(rc), rc.supernet, rc.search,
+                                     v.out, model_name=rc.model, pool_tokens=pool_tokens(rc, shared.stream(rc)),
+                                     batch_size=rc.calibration.batch_size, mesh=mesh, progress=progress)
+    stats = perplexity(weights, cfg, shared.windows(rc), batch_size=rc.eval.batch_size, progress=progress)
+    return {"ppl": stats["ppl"], "params": cfg.num_params()}
 
+
+def _run_alone(v: Variant, shared: _Shared, progress: bool) -> None:
     start = time.perf_counter()
-    if not v.rc.centre_copies:
-        summary = run_prune(v.rc, progress=progress)
-        metrics = {"ppl": summary["ppl"]["pruned"], "params": summary["params"]["pruned"]}
-    else:
+    if v.rc.centre_copies:
         _, store, _ = run_supernet(v.rc, shared.model(v.rc), calib=shared.calib(v.rc), progress=progress)
         metrics = _centre_eval(v, shared, store, progress)
+    elif v.rc.searches:
+        metrics = _searched_eval(v, shared, progress)
+    else:
+        summary = run_prune(v.rc, progress=progress)
+        metrics = {"ppl": summary["ppl"]["pruned"], "params": summary["params"]["pruned"]}
     _save_result(v, {"mode": "sequential", **metrics, "wall_s": time.perf_counter() - start})
 
 

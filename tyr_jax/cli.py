@@ -161,9 +161,13 @@ def cmd_prune(args):
               f"on {s['ppl_ood']['text']}")
     for task, acc in s["zeroshot"]["pruned"].items():
         print(f"{task:>14}: acc_norm {s['zeroshot']['dense'][task]:.4f} → {acc:.4f}")
-    gguf = (s.get("export") or {}).get("gguf")
+    export = s.get("export") or {}
+    gguf = export.get("gguf")
     print(f"wrote {rc.out}/model, " + (f"{gguf['path']} ({gguf['arch']}, {gguf['type']}), " if gguf else "") +
           f"{rc.out}/summary.json")
+    if "trust_remote_code" in export:  # absent on other processes and in older runs
+        remote = ", trust_remote_code=True" if export["trust_remote_code"] else ""
+        print(f"transformers loads it: AutoModelForCausalLM.from_pretrained('{rc.out}/model'{remote})")
 
 
 def _add_export(sub):

@@ -14,13 +14,16 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig, RopeConfig
 from tyr_jax.pruning import SublayerStats
 from tyr_jax.search import SearchConfig, abstract_bank, candidates_kl, pool_topk, stage_layouts
 from tyr_jax.sharding import batch_sharding, data_size, logical_sharding, replicated, weight_shardings
-from tyr_jax.supernet import _attn_stats, _mlp_stats, _prune_levels, level_removals, stats_shardings
+from tyr_jax.supernet import (SupernetConfig, attn_stats_step, level_removals, mlp_stats_step, prune_step,
+                              split_hparams, stats_shardings)
 
 LLAMA31_70B = ModelConfig(
     vocab_size=128256, hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
@@ -55,11 +58,18 @@ def pruner_bytes(mesh, d_in: int, d_out: int, unit_size: int, removals: tuple[in
                  dtype=jnp.bfloat16) -> int:
     """Working set per device of the Týr pruner on one sublayer, statistics and weight rows placed as
     `build_supernet` places them."""
-    stats = _placed(jax.eval_shape(functools.partial(SublayerStats.zeros, d_in)), stats_shardings(mesh, d_in))
+    stats = _placed(_variant_stats(d_in), stats_shardings(mesh, d_in, 1))
     axis = "kv" if unit_size > 1 else "mlp"
     w = jax.ShapeDtypeStruct((d_in, d_out), dtype, sharding=logical_sharding(mesh, (axis, "embed"), (d_in, d_out)))
-    return _compiled_bytes(_prune_levels.lower(w, stats, "tyr", unit_size, removals,
-                                               (("damp", 0.01), ("round_size", round_size))))
+    kind = "attn" if unit_size > 1 else "mlp"
+    traced, static = split_hparams([SupernetConfig(attn_round_size=round_size, mlp_round_size=round_size)], kind)
+    return _compiled_bytes(prune_step.lower(w, stats, traced, "tyr", unit_size, removals, static))
+
+
+def _variant_stats(d_in: int):
+    """Abstract statistics of one sublayer for a build of one config (a leading variant axis of 1)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape, a.dtype),
+                        jax.eval_shape(functools.partial(SublayerStats.zeros, d_in)))
 
 
 def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int = 9, calib_sequences: int = 2048,
@@ -103,15 +113,16 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
         plan["pruner_attn"] = {"device": pruner_bytes(mesh, attn_in, cfg.hidden_size, cfg.q_per_kv * cfg.head_dim,
                                                       attn_levels, 1, dtype), "total": None}
         sublayer = max(("pruner_attn", "pruner_mlp"), key=lambda n: plan[n]["device"])
-        x = jax.ShapeDtypeStruct((calib_batch, calib_seq_len, cfg.hidden_size), dtype, sharding=batch_sharding(mesh, 3))
+        x = jax.ShapeDtypeStruct((1, calib_batch, calib_seq_len, cfg.hidden_size), dtype,
+                                 sharding=NamedSharding(mesh, P(None, "data", None, None)))
         positions = jax.ShapeDtypeStruct((calib_batch, calib_seq_len), jnp.int32)
         rope = _placed(jax.eval_shape(functools.partial(llama.rope_tables, cfg), positions), (batch_sharding(mesh, 3),) * 2)
         blk = _placed(weights.blocks[0], w_sh.blocks[0])
         temps = []
-        for step, sub, d_in, extra in ((_attn_stats, blk.attn, attn_in, (rope,)),
-                                       (_mlp_stats, blk.mlp, cfg.intermediate_size, ())):
-            stats = _placed(jax.eval_shape(functools.partial(SublayerStats.zeros, d_in)), stats_shardings(mesh, d_in))
-            lowered = step.lower(sub, x, stats, *extra, cfg, stats_shardings(mesh, d_in))
+        for step, sub, d_in, extra in ((attn_stats_step, blk.attn, attn_in, (rope,)),
+                                       (mlp_stats_step, blk.mlp, cfg.intermediate_size, ())):
+            stats = _placed(_variant_stats(d_in), stats_shardings(mesh, d_in, 1))
+            lowered = step.lower(sub, x, stats, *extra, cfg, stats_shardings(mesh, d_in, 1))
             temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
         plan["stats_call"] = {"device": max(temps), "total": None}
         levels = (2, cfg.num_layers)

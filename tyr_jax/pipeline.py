@@ -4,7 +4,6 @@ search, a baseline's centre copies, or policy-gradient masks), export, evaluatio
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import time
@@ -13,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tyr_jax import binarization, plots, search
+from tyr_jax import binarization, plots
 from tyr_jax.binarization.packed import export_binary
+from tyr_jax.coarse_to_fine import coarse_to_fine, iteration_store
 from tyr_jax.data import corpora, sampler
 from tyr_jax.distributed import claim_directory, is_primary
 from tyr_jax.evaluation import zeroshot
@@ -23,7 +23,8 @@ from tyr_jax.export import check_gguf_export, export_gguf, export_model
 from tyr_jax.loading import LoadedModel, load_model, load_tokenizer
 from tyr_jax.models import llama
 from tyr_jax.pruning import policy_gradient
-from tyr_jax.runconfig import CalibrationConfig, ExportConfig, RunConfig, to_dict
+from tyr_jax.results import load_keyed, save_keyed, weights_sha256
+from tyr_jax.runconfig import CalibrationConfig, RunConfig, result_key, to_dict
 from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
 from tyr_jax.supernet import LevelPlan, SupernetStore, assemble, build_supernet, fingerprint
 
@@ -180,82 +181,18 @@ def _evaluate(weights, cfg, tokenizer, rc: RunConfig, windows, progress: bool, m
     return result
 
 
-def evaluation_finished(path: pathlib.Path) -> bool:
-    """Whether the evaluation `_evaluate` saved at `path` holds every part its key asks for (perplexity,
-    the out-of-domain one, each task); it is written part by part, so a file may hold only some."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    value, asked = saved["value"], saved["key"]["eval"]
-    return ("ppl" in value and (asked.get("ood_corpus") is None or "ppl_ood" in value)
-            and set(asked["tasks"]) <= set(value.get("zeroshot", {})))
-
-
-def weights_sha256(tree) -> str:
-    """Digest of a pytree of host arrays (shapes, dtypes and bytes): the key of a saved evaluation."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        a = np.ascontiguousarray(leaf)
-        digest.update(f"{a.shape}{a.dtype.str}".encode())
-        digest.update(a.reshape(-1).view(np.uint8))
-    return digest.hexdigest()
-
-
-def load_keyed(path: pathlib.Path, key: dict):
-    """The value saved by `save_keyed(path, key, ...)`, or None when absent or saved under another key."""
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == json.loads(json.dumps(key)):  # compared as it reads back: tuples are lists
-            return saved["value"]
-    return None
-
-
-def save_keyed(path: pathlib.Path, key: dict, value) -> None:
-    """Writes {"key", "value"} atomically, on process 0 only."""
-    if is_primary():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
-        tmp.replace(path)
-
-
-def _supernet_store(rc: RunConfig, model: LoadedModel, calib: np.ndarray, out: pathlib.Path, t: int = 0,
-                    centres=(None, None)):
-    """The supernet store of iteration `t` (Δ halved t times, levels around `centres`), claimed: one built
-    with other settings is refused here. Returns (store, its SupernetConfig, its plan)."""
-    scfg = dataclasses.replace(rc.supernet, step=search.step_for_iteration(rc.supernet.step, t))
-    plan = LevelPlan.centred(model.cfg, scfg, *centres)
-    store = SupernetStore(out / f"iteration_{t}" / "supernet",
-                          fingerprint(model.cfg, scfg, plan, calib, rc.model, model.weights.embed_vd.dtype))
-    return store, scfg, plan
+def pool_tokens(rc: RunConfig, stream: np.ndarray) -> np.ndarray:
+    """The search's fitness pool: `search.pool_sequences` windows of the calibration corpus (key seed + 1)."""
+    return sampler.sample_windows(stream, rc.search.pool_sequences, rc.search.seq_len,
+                                  key=jax.random.key(rc.calibration.seed + 1))
 
 
 def _supernet_and_search(rc: RunConfig, model: LoadedModel, calib: np.ndarray, stream: np.ndarray, mesh,
                          out: pathlib.Path, progress: bool):
-    """Týr (ALGORITHMS.md §1.2-1.4): per iteration a supernet around the previous best distribution, then
-    the search; without search, every sublayer's centre copy. Returns (weights, config, fitness history)."""
-    cfg, dtype, num_levels = model.cfg, model.weights.embed_vd.dtype, rc.supernet.num_levels
-    centres, history, pool = (None, None), [], None
-    iterations = rc.search.iterations if rc.searches else 1
-    for t in range(iterations):
-        store, scfg, plan = _supernet_store(rc, model, calib, out, t, centres)
-        print(f"iteration {t + 1}/{iterations}: supernet with Δ = {scfg.step:.4%}")
-        build_supernet(model.weights, cfg, calib, scfg, plan, store, batch_size=rc.calibration.batch_size,
-                       progress=progress, mesh=mesh)
-        best = np.full((2, cfg.num_layers), num_levels // 2, np.int32)
-        if rc.searches:
-            if pool is None:
-                pool_tokens = sampler.sample_windows(
-                    stream, rc.search.pool_sequences, rc.search.seq_len, key=jax.random.key(rc.calibration.seed + 1))
-                pool = search.FitnessPool(model.weights, cfg, pool_tokens, rc.search, mesh=mesh, progress=progress)
-            bank = search.load_bank(store, cfg, num_levels, dtype, mesh)
-            best, hist = search.run_search(model.weights, cfg, plan, bank, pool, rc.search,
-                                           out / f"iteration_{t}" / "search", iteration=t, progress=progress)
-            del bank
-            history.append([float(h) for h in hist])
-            centres = search.removal_fractions(plan, best, cfg)
-    weights, pruned_cfg = assemble(model.weights, cfg, store, list(best[0]), list(best[1]))
-    return weights, pruned_cfg, history
+    """Týr's coarse-to-fine supernets and searches, or the centre copies (`coarse_to_fine`)."""
+    return coarse_to_fine(model.weights, model.cfg, calib, rc.supernet, rc.search if rc.searches else None, out,
+                          model_name=rc.model, pool_tokens=pool_tokens(rc, stream) if rc.searches else None,
+                          batch_size=rc.calibration.batch_size, mesh=mesh, progress=progress)
 
 
 def _policy_gradient_fingerprint(rc: RunConfig, cfg) -> dict:
@@ -295,14 +232,15 @@ def _pbs2p(rc: RunConfig, model: LoadedModel, calib: np.ndarray, mesh, out: path
 
 
 def finished_summary(rc: RunConfig) -> dict | None:
-    """The summary.json of a finished run of this very config (the mesh aside: it does not change the
-    result), or None."""
+    """The summary.json of a finished run of this very config (the mesh and `runconfig.DISPLAY_ONLY` aside:
+    they do not change the result; a `runconfig.LATER_SECTIONS` section at its defaults counts as absent),
+    or None."""
     try:
         summary = json.loads((pathlib.Path(rc.out) / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    # Runs finished before the `export` section existed wrote none: theirs was the default.
-    same = lambda c: {"export": to_dict(ExportConfig()), **{k: v for k, v in c.items() if k != "mesh"}}  # noqa: E731
+    # result_key: runs finished before the `export` section existed hold none, i.e. its defaults.
+    same = lambda c: result_key({k: v for k, v in c.items() if k != "mesh"})  # noqa: E731
     stored = summary.get("config")
     return summary if isinstance(stored, dict) and same(stored) == same(json.loads(json.dumps(to_dict(rc)))) else None
 
@@ -334,7 +272,7 @@ def run_prune(rc: RunConfig, *, progress: bool = True) -> dict:
     elif rc.method == "pbs2p":
         _pbs2p_store(rc, model, calib, out)
     else:
-        _supernet_store(rc, model, calib, out)
+        iteration_store(model.weights, cfg, calib, rc.supernet, rc.model, out)
     write_json(out / "run_config.json", to_dict(rc))
     extra, history, binary = {}, [], None
     if rc.method == "policy_gradient":

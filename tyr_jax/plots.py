@@ -68,3 +68,30 @@ def plot_ablation(rows: list[dict], keys: list[str], path: pathlib.Path, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], path: pathlib.Path) -> None:
+    """Held-out and out-of-domain perplexity against the fraction removed, one line per method (and
+    variant); several seeds of a point as mean ± std; the dense model as a dotted line."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, metric, title in zip(axes, ("ppl", "ppl_ood"), ("held-out Wikipedia", "out of domain (news)")):
+        series: dict = {}
+        for r in rows:
+            if r[metric] == "":
+                continue
+            variant = "" if r["variant"].startswith("search.seed=") else r["variant"]
+            label = r["name"] + (f" ({variant})" if variant else "")
+            series.setdefault(label, {}).setdefault(float(r["target"]), []).append(float(r[metric]))
+        for label, points in series.items():
+            xs = sorted(points)
+            if xs == [0.0]:
+                ax.axhline(points[0.0][0], color="grey", linestyle=":", label=label)
+                continue
+            ys = [np.mean(points[x]) for x in xs]
+            errs = [np.std(points[x], ddof=1) if len(points[x]) > 1 else 0.0 for x in xs]
+            ax.errorbar([100 * x for x in xs], ys, yerr=errs, marker="o", capsize=3, label=label)
+        ax.set(yscale="log", xlabel="parameters removed (%)", ylabel="perplexity", title=title)
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -243,3 +243,27 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Settings that change what a run shows, never what it computes: left out where stored results are matched
+# to a config, so that work done before such a setting existed (or with another value) is found.
+DISPLAY_ONLY = ("policy_gradient.log_every",)
+
+
+# Sections added after results were first stored: left out of the key while at their defaults, so that
+# work stored before the section existed (which holds none, i.e. ran with the defaults) is found.
+LATER_SECTIONS = {"export": ExportConfig}
+
+
+def result_key(tree: dict) -> dict:
+    """A config as `to_dict` gives it (or as it reads back from JSON) without the `DISPLAY_ONLY` settings
+    and without the `LATER_SECTIONS` that hold their defaults."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for dotted in DISPLAY_ONLY:
+        section, name = dotted.split(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(name, None)
+    for section, cls in LATER_SECTIONS.items():
+        if section in tree and tree[section] == to_dict(cls()):
+            del tree[section]
+    return tree

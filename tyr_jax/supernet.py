@@ -9,6 +9,10 @@ projection is pruned at E sparsities S_e; the activations handed on are the expe
 which, the projection being linear, is one pass with the averaged weights W̄ = Σ_e w_e W_e. The MLP
 sublayer follows on those activations. `expectation=False` hands on the dense output instead (the
 ablation, and what the reference code does by accident).
+
+One loop builds them, `build_supernets`, for V configs at once that differ only in `damp` and
+`expectation` (`tyr-jax ablate`), vmapped over a leading variant axis; a run's build is V = 1
+(`build_supernet`).
 """
 
 from __future__ import annotations
@@ -17,18 +21,26 @@ import dataclasses
 import functools
 import hashlib
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from tyr_jax.checkpointing import BlockStore
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
-from tyr_jax.pruning import SublayerStats, accumulate_stats, get_pruner
+from tyr_jax.pruning import LevelResult, SublayerStats, accumulate_stats, get_pruner
 from tyr_jax.pruning.tyr import REFITS
 from tyr_jax.sharding import logical_sharding, put_batch, replicated, to_host
+
+# SupernetConfig fields in which the configs of one build may differ (`build_supernets`), and the pruner
+# hyper-parameters among them that are traced numbers (the others are static: round sizes, refit).
+VARIANT_FIELDS = ("damp", "expectation")
+_TRACED_HPARAMS = ("damp",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +136,9 @@ def expectation_weights(removals: tuple[int, ...], num_units: int) -> np.ndarray
     return (keep / keep.sum() if keep.sum() > 0 else keep).astype(np.float32)
 
 
-# -- jitted steps ---------------------------------------------------------------------------------
+# -- jitted steps, each vmapped over a leading variant axis V ------------------------------------------
+# A build makes the supernets of V configs that differ only in `VARIANT_FIELDS` in one pass (V = 1 for a
+# plain run): activations are [V, B, T, D], statistics [V, I, I], and each step is one compiled call.
 
 
 def _constrain(stats, shardings):
@@ -132,50 +146,90 @@ def _constrain(stats, shardings):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "shardings"), donate_argnums=2)
-def _attn_stats(attn, x_btd, stats, rope, cfg, shardings=None):
-    ctx = llama.attention_context(attn, x_btd, cfg, rope)
-    return _constrain(accumulate_stats(stats, ctx.reshape(-1, ctx.shape[2] * ctx.shape[3] * ctx.shape[4])),
-                      shardings)
+def attn_stats_step(attn, x_vbtd, stats_v, rope, cfg, shardings=None):
+    """Adds one batch's o_proj inputs of every variant to its statistics."""
+    def one(x_btd, stats):
+        ctx = llama.attention_context(attn, x_btd, cfg, rope)
+        return accumulate_stats(stats, ctx.reshape(-1, ctx.shape[2] * ctx.shape[3] * ctx.shape[4]))
 
-
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
-def _attn_apply(attn, x_btd, w_io, bias_d, rope, cfg):
-    """x + ctx · W (+ bias) with the given (averaged) output projection."""
-    ctx = llama.attention_context(attn, x_btd, cfg, rope)
-    out = jnp.einsum("btc,cd->btd", ctx.reshape(ctx.shape[:2] + (-1,)), w_io)
-    return x_btd + (out + bias_d).astype(x_btd.dtype)
+    return _constrain(jax.vmap(one)(x_vbtd, stats_v), shardings)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "shardings"), donate_argnums=2)
-def _mlp_stats(mlp_w, x_btd, stats, cfg, shardings=None):
-    hidden = llama.mlp_hidden(mlp_w, x_btd, cfg)
-    return _constrain(accumulate_stats(stats, hidden.reshape(-1, hidden.shape[-1])), shardings)
+def mlp_stats_step(mlp_w, x_vbtd, stats_v, cfg, shardings=None):
+    """Adds one batch's down_proj inputs of every variant to its statistics."""
+    def one(x_btd, stats):
+        hidden = llama.mlp_hidden(mlp_w, x_btd, cfg)
+        return accumulate_stats(stats, hidden.reshape(-1, hidden.shape[-1]))
 
-
-def stats_shardings(mesh, d_in: int) -> SublayerStats | None:
-    """Where a sublayer's statistics live: Hessian rows over every device (`hessian` in the table)."""
-    if mesh is None:
-        return None
-    return SublayerStats(logical_sharding(mesh, ("hessian", None), (d_in, d_in)), replicated(mesh),
-                         replicated(mesh))
-
-
-def zero_stats(d_in: int, mesh=None) -> SublayerStats:
-    """Zero statistics, created already sharded (`stats_shardings`) when a mesh is given."""
-    if mesh is None:
-        return SublayerStats.zeros(d_in)
-    return jax.jit(SublayerStats.zeros, static_argnums=0, out_shardings=stats_shardings(mesh, d_in))(d_in)
+    return _constrain(jax.vmap(one)(x_vbtd, stats_v), shardings)
 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
-def _mlp_apply(mlp_w, x_btd, w_io, bias_d, cfg):
-    hidden = llama.mlp_hidden(mlp_w, x_btd, cfg)
-    return x_btd + (jnp.einsum("btf,fd->btd", hidden, w_io) + bias_d).astype(x_btd.dtype)
+def _attn_apply(attn, x_vbtd, w_vio, bias_vd, rope, cfg):
+    """x + ctx · W (+ bias) with each variant's (averaged) output projection."""
+    def one(x_btd, w_io, bias_d):
+        ctx = llama.attention_context(attn, x_btd, cfg, rope)
+        out = jnp.einsum("btc,cd->btd", ctx.reshape(ctx.shape[:2] + (-1,)), w_io)
+        return x_btd + (out + bias_d).astype(x_btd.dtype)
+
+    return jax.vmap(one)(x_vbtd, w_vio, bias_vd)
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=1)
+def _mlp_apply(mlp_w, x_vbtd, w_vio, bias_vd, cfg):
+    def one(x_btd, w_io, bias_d):
+        hidden = llama.mlp_hidden(mlp_w, x_btd, cfg)
+        return x_btd + (jnp.einsum("btf,fd->btd", hidden, w_io) + bias_d).astype(x_btd.dtype)
+
+    return jax.vmap(one)(x_vbtd, w_vio, bias_vd)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "unit_size", "removals", "hparams"))
-def _prune_levels(w_io, stats, method, unit_size, removals, hparams):
-    return get_pruner(method)(w_io, stats, unit_size=unit_size, removals=removals, **dict(hparams))
+def prune_step(w_io, stats_v, traced_v, method, unit_size, removals, hparams):
+    """The pruner on every variant's statistics, with its traced hyper-parameters `traced_v` ({name: [V]})
+    and the shared static ones `hparams` ((name, value), ...): a LevelResult with a leading V axis."""
+    pruner = get_pruner(method)
+
+    def one(stats, traced):
+        return pruner(w_io, stats, unit_size=unit_size, removals=removals, **traced, **dict(hparams))
+
+    if stats_v.count.shape[0] == 1:   # one config: no batch axis inside the pruner (XLA's buffers as unbatched)
+        return jax.tree.map(lambda a: a[None], one(*jax.tree.map(lambda a: a[0], (stats_v, traced_v))))
+    return jax.vmap(one)(stats_v, traced_v)
+
+
+def split_hparams(scfgs, kind: str) -> tuple[dict, tuple]:
+    """The pruner hyper-parameters of the variants for `prune_step`: ({name: [V] fp32} traced (`damp`),
+    ((name, value), ...) static, which every variant must share)."""
+    hps = [s.hparams(kind) for s in scfgs]
+    traced = {k: jnp.asarray([hp[k] for hp in hps], jnp.float32) for k in _TRACED_HPARAMS if k in hps[0]}
+    static = [tuple(sorted((k, v) for k, v in hp.items() if k not in traced)) for hp in hps]
+    if len(set(static)) != 1:
+        raise ValueError(f"variants differ in static {kind} hyper-parameters; they cannot share one build")
+    return traced, static[0]
+
+
+def stats_shardings(mesh, d_in: int, variants: int | None = None) -> SublayerStats | None:
+    """Where a sublayer's statistics live: Hessian rows over every device (`hessian` in the table), after
+    a leading axis of `variants` when given."""
+    if mesh is None:
+        return None
+    lead = () if variants is None else (variants,)
+    hessian = logical_sharding(mesh, (None,) * len(lead) + ("hessian", None), lead + (d_in, d_in))
+    return SublayerStats(hessian, replicated(mesh), replicated(mesh))
+
+
+def zero_stats(d_in: int, mesh=None, variants: int | None = None) -> SublayerStats:
+    """Zero statistics (with a leading axis of `variants` when given), created already sharded
+    (`stats_shardings`) when a mesh is given."""
+    def zeros():
+        stats = SublayerStats.zeros(d_in)
+        return stats if variants is None else jax.tree.map(lambda a: jnp.zeros((variants,) + a.shape, a.dtype), stats)
+
+    if mesh is None:
+        return zeros()
+    return jax.jit(zeros, out_shardings=stats_shardings(mesh, d_in, variants))()
 
 
 # -- compact copies -------------------------------------------------------------------------------
@@ -257,10 +311,19 @@ def calibration_batches(cfg: ModelConfig, calib_tokens: np.ndarray, batch_size: 
     return [calib_tokens[i: i + batch_size] for i in range(0, len(calib_tokens), batch_size)]
 
 
-def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.ndarray, scfg: SupernetConfig,
-                   plan: LevelPlan, store: SupernetStore, *, batch_size: int = 8, progress: bool = True,
-                   mesh=None, timings: dict | None = None) -> SupernetStore:
-    """Builds (or finishes) every block's copies into `store`; finished blocks are replayed, not rebuilt.
+def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.ndarray,
+                    scfgs: Sequence[SupernetConfig], plan: LevelPlan, stores: Sequence[SupernetStore], *,
+                    batch_size: int = 8, progress: bool = True, mesh=None,
+                    timings: dict | None = None) -> list[SupernetStore]:
+    """Builds (or finishes) every block's copies of V configs into their V stores, in one pass over the
+    blocks; blocks that every store holds are replayed, not rebuilt.
+
+    The configs may differ only in `VARIANT_FIELDS` (`damp`, a traced number inside the pruner, and
+    `expectation`, which only chooses what a variant hands on): activations carry a leading variant axis
+    and each block's statistics, pruner call and propagation are one compiled call vmapped over it.
+    Variant v's statistics come from its own Eq. 5 propagation, so store v ends up holding what building
+    config v alone writes (same fingerprint; up to fp32 rounding of batched matmuls). `build_supernet`
+    is the case V = 1.
 
     With a `mesh` (weights already placed by `sharding.weight_shardings`), the calibration sequences of
     every batch are split over `data` (`batch_size` must be a multiple of its size) and the weights'
@@ -271,6 +334,12 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
 
     `timings`, if given, accumulates seconds spent in the pruners (`prune_s`, copies to the host
     included), in Orbax writes (`save_s`) and in total (`total_s`)."""
+    num = len(scfgs)
+    if num < 1 or len(stores) != num:
+        raise ValueError(f"{num} configs but {len(stores)} stores")
+    neutral = {name: getattr(SupernetConfig(), name) for name in VARIANT_FIELDS}
+    if len({dataclasses.replace(s, **neutral) for s in scfgs}) != 1:
+        raise ValueError(f"the configs of one build may differ only in {', '.join(VARIANT_FIELDS)}")
     timings = {} if timings is None else timings
     for name in ("prune_s", "save_s", "total_s"):
         timings.setdefault(name, 0.0)
@@ -278,63 +347,98 @@ def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.nd
     d, g, h = cfg.hidden_size, cfg.q_per_kv, cfg.head_dim
     if mesh is not None and batch_size % mesh.shape["data"]:
         raise ValueError(f"calibration batch size {batch_size} is not a multiple of mesh.data = {mesh.shape['data']}")
-    attn_in, mlp_in = cfg.num_kv_heads * g * h, cfg.intermediate_size
+    attn_in, mlp_in, attn_unit = cfg.num_kv_heads * g * h, cfg.intermediate_size, g * h
+    method = scfgs[0].method
+    attn_hp, mlp_hp = split_hparams(scfgs, "attn"), split_hparams(scfgs, "mlp")
+    expectations = [s.expectation for s in scfgs]
     rope = llama.rope_tables(cfg, llama.default_positions(put_batch(chunks[0], mesh)))
-    xs = [llama.embed(weights, put_batch(c, mesh)) for c in chunks]  # split over `data` (checked above)
-    done = store.finished_blocks()
+    xs = [_variants(llama.embed(weights, put_batch(c, mesh)), num, mesh) for c in chunks]  # batch over `data`
+    done = min(store.finished_blocks() for store in stores)
     if done and progress:
         print(f"resuming supernet at block {done + 1}/{cfg.num_layers}" if done < cfg.num_layers else
               f"supernet complete ({done}/{done} blocks stored): replaying its propagation")
-    bar = tqdm(range(cfg.num_layers), desc="supernet", unit="block", disable=not progress)
+    bar = tqdm(range(cfg.num_layers), desc="supernet" if num == 1 else f"supernet ×{num} (vmap)", unit="block",
+               disable=not progress)
     for i in bar:
         start = time.perf_counter()
         blk = weights.blocks[i]
-        stored = store.load_block(i) if store.has_block(i) else {}
+        missing = [v for v in range(num) if not stores[v].has_block(i)]
+        stored = [{} if v in missing else stores[v].load_block(i) for v in range(num)]
         # Attention: statistics of the o_proj inputs, copies, then hand on the expectation.
-        attn_unit = g * h
-        if "attn" not in stored:
-            stats = zero_stats(attn_in, mesh)
+        if missing:
+            stats = zero_stats(attn_in, mesh, num)
             for x in xs:
-                stats = _attn_stats(blk.attn, x, stats, rope, cfg, stats_shardings(mesh, attn_in))
+                stats = attn_stats_step(blk.attn, x, stats, rope, cfg, stats_shardings(mesh, attn_in, num))
             t0 = time.perf_counter()
-            result = _prune_levels(blk.attn.o_kghd.reshape(-1, d), stats, scfg.method, attn_unit, plan.attn[i],
-                                   tuple(sorted(scfg.hparams("attn").items())))
-            stored["attn"] = compact_levels(result, attn_unit)
+            result = prune_step(blk.attn.o_kghd.reshape(-1, d), stats, attn_hp[0], method, attn_unit, plan.attn[i],
+                                attn_hp[1])
+            for v, levels in _compact(result, attn_unit, missing):
+                stored[v]["attn"] = levels
             timings["prune_s"] += time.perf_counter() - t0
-        xs = propagate_attention(blk, stored["attn"], plan.attn[i], xs, rope, cfg, scfg.expectation)
+        xs = propagate_attention(blk, [s["attn"] for s in stored], plan.attn[i], xs, rope, cfg, expectations)
         # MLP, on the activations the attention sublayer handed on.
-        if "mlp" not in stored:
-            stats = zero_stats(mlp_in, mesh)
+        if missing:
+            stats = zero_stats(mlp_in, mesh, num)
             for x in xs:
-                stats = _mlp_stats(blk.mlp, x, stats, cfg, stats_shardings(mesh, mlp_in))
+                stats = mlp_stats_step(blk.mlp, x, stats, cfg, stats_shardings(mesh, mlp_in, num))
             t0 = time.perf_counter()
-            result = _prune_levels(blk.mlp.down_fd, stats, scfg.method, 1, plan.mlp[i],
-                                   tuple(sorted(scfg.hparams("mlp").items())))
-            stored["mlp"] = compact_levels(result, 1)
+            result = prune_step(blk.mlp.down_fd, stats, mlp_hp[0], method, 1, plan.mlp[i], mlp_hp[1])
+            for v, levels in _compact(result, 1, missing):
+                stored[v]["mlp"] = levels
             timings["prune_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            store.save_block(i, stored)
+            for v in missing:
+                stores[v].save_block(i, stored[v])
             timings["save_s"] += time.perf_counter() - t0
-        xs = propagate_mlp(blk, stored["mlp"], plan.mlp[i], xs, cfg, scfg.expectation)
+        xs = propagate_mlp(blk, [s["mlp"] for s in stored], plan.mlp[i], xs, cfg, expectations)
         jax.block_until_ready(xs)
         timings["total_s"] += time.perf_counter() - start
         bar.set_postfix(block_s=f"{time.perf_counter() - start:.1f}")
-    return store
+    return list(stores)
 
 
-def propagate_attention(blk: llama.Block, levels: dict, removals, xs, rope, cfg: ModelConfig, expectation: bool):
-    """Hands on X + attn(X) with the expectation over the stored copies (Eq. 5), or dense."""
+def build_supernet(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.ndarray, scfg: SupernetConfig,
+                   plan: LevelPlan, store: SupernetStore, **kwargs) -> SupernetStore:
+    """Builds (or finishes) one config's supernet into `store`: `build_supernets` with V = 1 (same
+    keyword arguments)."""
+    return build_supernets(weights, cfg, calib_tokens, [scfg], plan, [store], **kwargs)[0]
+
+
+def _variants(x_btd, num: int, mesh):
+    """Activations [B, T, D] → [V, B, T, D], the batch still split over `data`."""
+    x_vbtd = jnp.broadcast_to(x_btd[None], (num,) + x_btd.shape)
+    return x_vbtd if mesh is None else jax.device_put(x_vbtd, NamedSharding(mesh, P(None, "data", None, None)))
+
+
+def _compact(result, unit_size: int, variants: list[int]):
+    """(v, `compact_levels` of variant v) for the given variants of a LevelResult with a leading V axis
+    (one transfer to the host)."""
+    host = LevelResult(to_host(result.keep_eu), to_host(result.w_eio),
+                       None if result.bias_eo is None else to_host(result.bias_eo))
+    for v in variants:
+        yield v, compact_levels(jax.tree.map(lambda a: a[v], host), unit_size)
+
+
+def propagate_attention(blk: llama.Block, levels_v: Sequence[dict], removals, xs, rope, cfg: ModelConfig,
+                        expectation_v: Sequence[bool]):
+    """Hands on X + attn(X) of every variant v (activations [V, B, T, D]) with the expectation over its
+    stored copies `levels_v[v]` (Eq. 5), or dense where `expectation_v[v]` is False."""
     d = cfg.hidden_size
-    w_bar, b_bar = _propagation_weights(levels, blk.attn.o_kghd.reshape(-1, d), blk.attn.o_bias_d, removals,
-                                        cfg.num_kv_heads, cfg.q_per_kv * cfg.head_dim, expectation)
-    return [_attn_apply(blk.attn, x, w_bar, b_bar, rope, cfg) for x in xs]
+    w_v, b_v = zip(*(_propagation_weights(levels, blk.attn.o_kghd.reshape(-1, d), blk.attn.o_bias_d, removals,
+                                          cfg.num_kv_heads, cfg.q_per_kv * cfg.head_dim, expectation)
+                     for levels, expectation in zip(levels_v, expectation_v, strict=True)))
+    w_vio, b_vd = jnp.stack(w_v), jnp.stack(b_v)
+    return [_attn_apply(blk.attn, x, w_vio, b_vd, rope, cfg) for x in xs]
 
 
-def propagate_mlp(blk: llama.Block, levels: dict, removals, xs, cfg: ModelConfig, expectation: bool):
-    """Hands on X + mlp(X) with the expectation over the stored copies (Eq. 5), or dense."""
-    w_bar, b_bar = _propagation_weights(levels, blk.mlp.down_fd, blk.mlp.down_bias_d, removals,
-                                        cfg.intermediate_size, 1, expectation)
-    return [_mlp_apply(blk.mlp, x, w_bar, b_bar, cfg) for x in xs]
+def propagate_mlp(blk: llama.Block, levels_v: Sequence[dict], removals, xs, cfg: ModelConfig,
+                  expectation_v: Sequence[bool]):
+    """Hands on X + mlp(X) of every variant v with the expectation over its stored copies (Eq. 5), or dense."""
+    w_v, b_v = zip(*(_propagation_weights(levels, blk.mlp.down_fd, blk.mlp.down_bias_d, removals,
+                                          cfg.intermediate_size, 1, expectation)
+                     for levels, expectation in zip(levels_v, expectation_v, strict=True)))
+    w_vio, b_vd = jnp.stack(w_v), jnp.stack(b_v)
+    return [_mlp_apply(blk.mlp, x, w_vio, b_vd, cfg) for x in xs]
 
 
 def _propagation_weights(levels, w_dense, bias_dense, removals, num_units, unit_size, expectation):

@@ -9,8 +9,10 @@ For every compressed projection (HF name `model.layers.{i}.{part}.{proj}.weight`
 
 (bits little-endian within a byte), and every other tensor (embeddings, norms, lm_head, biases) as the
 dense export writes it. `config.json` is the model's HF config plus `tyr_binary` (format, variant, M,
-block size, N per layer: null for a block left dense), which `tyr_jax.loading.load_model` reads to unpack: within a block of columns
-a row's kept weights take exactly the two values μ ± α, pruned ones are exactly 0.
+block size, N per layer: null for a block left dense, `masked` per layer: whether its projections have a
+`_mask`), which `tyr_jax.loading.load_model` reads to unpack: within a block of columns a row's kept weights
+take exactly the two values μ ± α, pruned ones are exactly 0. transformers loads the directory with
+`trust_remote_code=True`: the export carries modeling_tyr.py, whose `PackedLinear` unpacks the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 import tokenizers
 
 from tyr_jax.binarization.linear import BinaryLinear, dense_weight
-from tyr_jax.export import prepare_model_dir, save_safetensors
+from tyr_jax.export import (NOTE_FILE, REMOTE_CODE_FILE, copy_remote_code, prepare_model_dir, remote_code_config,
+                            save_safetensors)
 from tyr_jax.loading.hf import weights_to_hf
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Weights
@@ -33,6 +36,10 @@ FORMAT = 1
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 PARTS = ("_mask", "_signs", "_alpha", "_mu")
+TRANSFORMERS_NOTE = (f"transformers loads this packed PBS²P export through {REMOTE_CODE_FILE} (written next to "
+                     "config.json; it unpacks the 1-bit projections in every forward): "
+                     "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True). tyr-jax loads it: "
+                     "tyr_jax.loading.load_model(DIR), or `tyr-jax eval --model DIR`.")
 
 
 def weight_name(layer: int, proj: str) -> str:
@@ -79,7 +86,8 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
     """Writes the packed model: `packed_layers[i][proj]` from `pack`, everything else from `weights`.
 
     `meta` (variant, m, block_size, n_per_layer, ...) goes into config.json under `tyr_binary`.
-    Returns the sizes and bits per weight (module docstring of `tyr_jax.binarization.compress`)."""
+    Returns how transformers loads it (with `trust_remote_code`, as EXPORT_NOTE.txt says), the sizes and
+    bits per weight (module docstring of `tyr_jax.binarization.compress`)."""
     out = pathlib.Path(out_dir)
     tensors = weights_to_hf(weights, cfg)
     dense_bytes = sum(t.nbytes for t in tensors.values())
@@ -92,16 +100,21 @@ def export_binary(weights: Weights, cfg: ModelConfig, packed_layers: list[dict[s
                 tensors[f"{name}_{part}"] = array
                 packed_bytes += array.nbytes
                 sign_scale_bytes += 0 if part == "mask" else array.nbytes
-    hf_config = cfg.to_hf() | {"dtype": str(np.dtype(weights.embed_vd.dtype)),
-                               "tyr_binary": {"format": FORMAT, **meta}}
+    # A layer's projections all have a mask or none: each keeps I·N/M < I weights per row exactly when N < M.
+    masked = [None if layer is None else "mask" in layer[PROJECTIONS[0]] for layer in packed_layers]
+    binary = {"format": FORMAT, **meta, "masked": masked}
+    hf_config = remote_code_config(cfg, cfg.to_hf() | {"dtype": str(np.dtype(weights.embed_vd.dtype)),
+                                                       "tyr_binary": binary})
     prepare_model_dir(out, overwrite)
     save_safetensors(tensors, out / "model.safetensors", metadata={"format": "tyr-binary"})
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
+    copy_remote_code(out)
+    (out / NOTE_FILE).write_text(TRANSFORMERS_NOTE + "\n")
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")   # last: marks a whole model
     file_bytes = (out / "model.safetensors").stat().st_size
     ns = [n for n in meta["n_per_layer"] if n is not None]
-    return {"file_bytes": file_bytes, "dense_file_bytes": dense_bytes,
+    return {"trust_remote_code": True, "transformers_note": TRANSFORMERS_NOTE, "file_bytes": file_bytes, "dense_file_bytes": dense_bytes,
             "file_over_dense": file_bytes / dense_bytes,
             "weights_compressed": compressed_weights,
             "bits_per_weight": {

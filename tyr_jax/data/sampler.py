@@ -47,6 +47,22 @@ def sample_windows(tokens: Int[np.ndarray, " N"], num_sequences: int, seq_len: i
     Returns:
       int32 array [B, T].
     """
+    tokens = _checked_stream(tokens, num_sequences, seq_len)
+    starts_b = np.asarray(jax.random.randint(key, (num_sequences,), 0, len(tokens) - seq_len, dtype=np.int32))
+    return tokens[starts_b[:, None] + np.arange(seq_len)]
+
+
+def sample_window_batches(tokens: Int[np.ndarray, " N"], num_sequences: int, seq_len: int, *,
+                          keys: jax.Array) -> Int[np.ndarray, "S B T"]:
+    """`sample_windows` for every key of `keys` [S] at once (one device call, one transfer to the host):
+    batch s equals `sample_windows(tokens, num_sequences, seq_len, key=keys[s])`."""
+    tokens = _checked_stream(tokens, num_sequences, seq_len)
+    draw = lambda k: jax.random.randint(k, (num_sequences,), 0, len(tokens) - seq_len, dtype=np.int32)  # noqa: E731
+    starts_sb = np.asarray(jax.vmap(draw)(keys))
+    return tokens[starts_sb[..., None] + np.arange(seq_len)]
+
+
+def _checked_stream(tokens, num_sequences: int, seq_len: int) -> Int[np.ndarray, " N"]:
     tokens = _as_token_stream(tokens)
     if num_sequences <= 0:
         raise ValueError(f"num_sequences must be positive, got {num_sequences}")
@@ -60,8 +76,7 @@ def sample_windows(tokens: Int[np.ndarray, " N"], num_sequences: int, seq_len: i
         )
     if n - seq_len > _INT32_MAX:
         raise ValueError(f"{n} tokens are too many for int32 offsets; pass a slice of the stream.")
-    starts_b = np.asarray(jax.random.randint(key, (num_sequences,), 0, n - seq_len, dtype=np.int32))
-    return tokens[starts_b[:, None] + np.arange(seq_len)]
+    return tokens
 
 
 def token_windows(tokens: Int[np.ndarray, " N"], seq_len: int,

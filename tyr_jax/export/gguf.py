@@ -33,7 +33,7 @@ import numpy as np
 import tokenizers
 
 from tyr_jax.export.hf import _check_shapes
-from tyr_jax.loading.gguf import _open, _pre_tokenizer, permute_rows
+from tyr_jax.loading.gguf import gguf_pre_tokenizer, permute_rows, read_gguf_fields
 from tyr_jax.loading.hf import read_hf_json, weights_to_hf
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Weights, rope_frequencies
@@ -170,9 +170,8 @@ def tokenizer_fields(source: str | os.PathLike | tokenizers.Tokenizer,
             raise ValueError(f"{path} has no tokenizer.json, and llama.cpp needs the vocabulary; add it or "
                              "export from the GGUF file the model came from")
         return _fields_from_tokenizer(tokenizers.Tokenizer.from_file(str(tok_path)), cfg)
-    reader = _open(path)
     fields = []
-    for key, field in reader.fields.items():
+    for key, field in read_gguf_fields(path).items():
         if not key.startswith("tokenizer."):
             continue
         vtype = field.types[0]
@@ -230,7 +229,7 @@ def _pre_tokenizer_name(tok: tokenizers.Tokenizer) -> str:
     if tok.pre_tokenizer is not None:
         ours = splits(tok.normalizer, tok.pre_tokenizer)
         for name in _PRE_NAMES:
-            pre_tokenizer, normalizer, _ = _pre_tokenizer(name)
+            pre_tokenizer, normalizer, _ = gguf_pre_tokenizer(name)
             if splits(normalizer, pre_tokenizer) == ours:
                 return name
     raise ValueError("the tokenizer's pre-tokenizer matches none that llama.cpp names among "
@@ -246,7 +245,7 @@ def _source_context_length(source) -> int | None:
     path = resolve_model_path(source)
     if path.is_dir():
         return read_hf_json(path).get("max_position_embeddings")
-    fields = _open(path).fields
+    fields = read_gguf_fields(path)
     arch = fields["general.architecture"].contents()
     field = fields.get(f"{arch}.context_length")
     return None if field is None else int(field.contents())

@@ -1,27 +1,28 @@
-"""Export: a (pruned) model → a Hugging Face directory that tyr-jax, and transformers where it can, loads.
+"""Export: a (pruned) model → a Hugging Face directory that tyr-jax and transformers load.
 
 The directory holds `model.safetensors`, `config.json` and, if given, `tokenizer.json`. tyr-jax loads
 every export (`tyr_jax.loading.load_model(dir)`, `tyr-jax eval --model dir`): per-layer sizes and biases
 that the model type's own keys cannot say are `tyr_*` keys of config.json (`ModelConfig.to_hf`).
 
-transformers (checked against 5.23) builds every decoder layer of LlamaForCausalLM, Qwen2ForCausalLM and
+transformers (checked against 5.24) builds every decoder layer of LlamaForCausalLM, Qwen2ForCausalLM and
 MistralForCausalLM from the one global `num_attention_heads`, `num_key_value_heads` and
 `intermediate_size` of the config (`LlamaModel.__init__`, `LlamaAttention`, `LlamaMLP` in
-modeling_llama.py). Its `per_layer_config` (`HeterogeneousConfigMixin`,
-integrations/heterogeneity/configuration_utils.py) stores per-layer overrides on the config, but these
-models never read them: a per-layer attribute makes the layers' global read raise
-`AmbiguousGlobalPerLayerAttributeError`, and `skip` is ignored. So an export loads in transformers only
-when every layer keeps the same, non-zero number of KV groups and MLP channels (it is then written as a
-smaller dense model) and its biases fit the architecture (Llama: zeros stand in for the biases it needs
-but the model lacks). Otherwise the report and `EXPORT_NOTE.txt` say why.
+modeling_llama.py); its `per_layer_config` is not read by these models. So an export whose layers all keep
+the same, non-zero number of KV groups and MLP channels, with biases the architecture has, is written as
+a smaller dense model of the original type, which `AutoModelForCausalLM.from_pretrained(dir)` loads
+(Llama: zeros stand in for biases it needs but the model lacks). Every other export gets
+`model_type: "tyr"` and a copy of `remote_code/modeling_tyr.py`, which builds each layer at its own size
+(`auto_map`), and loads with `from_pretrained(dir, trust_remote_code=True)`; `EXPORT_NOTE.txt` says why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
 import pathlib
+import shutil
 import struct
 from collections.abc import Mapping
 
@@ -35,9 +36,12 @@ from tyr_jax.models.llama import abstract_weights
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.models.llama import Weights
 
-__all__ = ["NOTE_FILE", "export_model", "prepare_model_dir", "save_safetensors", "transformers_blockers"]
+__all__ = ["NOTE_FILE", "REMOTE_CODE_FILE", "copy_remote_code", "export_model", "prepare_model_dir",
+           "remote_code_config", "save_safetensors", "transformers_blockers"]
 
 NOTE_FILE = "EXPORT_NOTE.txt"
+REMOTE_CODE_FILE = "modeling_tyr.py"
+_AUTO_MAP = {"AutoConfig": "modeling_tyr.TyrConfig", "AutoModelForCausalLM": "modeling_tyr.TyrForCausalLM"}
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 # Biases each transformers architecture can hold (Qwen2: always q/k/v, never o/MLP; Mistral: none).
 _HF_BIASES = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -57,8 +61,9 @@ def export_model(weights: Weights, cfg: ModelConfig, out_dir: str | os.PathLike,
       tokenizer: written as `tokenizer.json` if given.
 
     Returns:
-      {"tyr_jax": True, "transformers": whether `AutoModelForCausalLM.from_pretrained(out_dir)` loads it,
-       "transformers_note": how it loads there, or why it cannot (also written to EXPORT_NOTE.txt)}.
+      {"tyr_jax": True, "transformers": True, "trust_remote_code": whether transformers needs
+       `trust_remote_code=True` (the bundled modeling_tyr.py) to load it, "transformers_note": how it loads
+       there, and why remote code if it does (then also written to EXPORT_NOTE.txt)}.
     """
     out = pathlib.Path(out_dir)
     weights, cfg = _with_uniform_biases(weights, cfg)
@@ -70,6 +75,8 @@ def export_model(weights: Weights, cfg: ModelConfig, out_dir: str | os.PathLike,
     hf_config = cfg.to_hf()
     hf_config["dtype"] = str(np.dtype(weights.embed_vd.dtype))
     zero_biases = [] if blockers else _add_zero_biases(tensors, cfg, hf_config)
+    if blockers:
+        hf_config = remote_code_config(cfg, hf_config)
     note = _note(cfg, blockers, zero_biases)
 
     prepare_model_dir(out, overwrite)
@@ -77,14 +84,16 @@ def export_model(weights: Weights, cfg: ModelConfig, out_dir: str | os.PathLike,
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
     if blockers:
+        copy_remote_code(out)
         (out / NOTE_FILE).write_text(note + "\n")
     # config.json last: a directory cut short by a kill has none and is not mistaken for a model.
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    return {"tyr_jax": True, "transformers": not blockers, "transformers_note": note}
+    return {"tyr_jax": True, "transformers": True, "trust_remote_code": bool(blockers), "transformers_note": note}
 
 
 def transformers_blockers(cfg: ModelConfig) -> list[str]:
-    """Why transformers' own class for `cfg.model_type` cannot hold this model (empty: it can)."""
+    """Why transformers' own class for `cfg.model_type` cannot hold this model (empty: it can; else the
+    export carries modeling_tyr.py)."""
     arch = _ARCHITECTURES[cfg.model_type]
     kv = [cfg.layer_kv_groups(i) for i in range(cfg.num_layers)]
     widths = [cfg.layer_mlp_width(i) for i in range(cfg.num_layers)]
@@ -108,6 +117,21 @@ def transformers_blockers(cfg: ModelConfig) -> list[str]:
     if extra:
         reasons.append(f"transformers' {arch} has no bias on {', '.join(extra)}")
     return reasons
+
+
+def remote_code_config(cfg: ModelConfig, hf_config: dict) -> dict:
+    """`hf_config` (from `cfg.to_hf()`) as modeling_tyr.py reads it: model_type "tyr" over the base type,
+    `auto_map` to the bundled classes, and every bias named in `tyr_biases` (the one key it reads)."""
+    return {**hf_config, "architectures": ["TyrForCausalLM"], "model_type": "tyr",
+            "tyr_base_model_type": cfg.model_type, "auto_map": dict(_AUTO_MAP),
+            "tyr_biases": cfg.bias_projections()}
+
+
+def copy_remote_code(out: pathlib.Path) -> None:
+    """Writes modeling_tyr.py (package data of tyr_jax.export) into the export directory `out`."""
+    source = importlib.resources.files("tyr_jax.export").joinpath("remote_code", REMOTE_CODE_FILE)
+    with importlib.resources.as_file(source) as path:
+        shutil.copyfile(path, out / REMOTE_CODE_FILE)
 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, *,
@@ -215,7 +239,10 @@ def _add_zero_biases(tensors: dict[str, np.ndarray], cfg: ModelConfig, hf_config
 
 def _note(cfg: ModelConfig, blockers: list[str], zero_biases: list[str]) -> str:
     if blockers:
-        return ("transformers cannot load this export: " + "; ".join(blockers) + ". tyr-jax loads it: "
+        return (f"transformers' own {_ARCHITECTURES[cfg.model_type]} cannot hold this export: "
+                + "; ".join(blockers) + f". transformers loads it through {REMOTE_CODE_FILE} (written next to "
+                "config.json; it builds each layer at its own size): "
+                "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True). tyr-jax loads it: "
                 "tyr_jax.loading.load_model(DIR), or `tyr-jax eval --model DIR`.")
     note = (f"transformers loads this export: AutoModelForCausalLM.from_pretrained(DIR) gives "
             f"{_ARCHITECTURES[cfg.model_type]} with num_attention_heads={cfg.num_heads}, "
@@ -229,7 +256,7 @@ def _note(cfg: ModelConfig, blockers: list[str], zero_biases: list[str]) -> str:
 def prepare_model_dir(out: pathlib.Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ours = [p for p in out.iterdir() if p.suffix == ".safetensors" or p.name in (
-        "config.json", "tokenizer.json", "model.safetensors.index.json", NOTE_FILE)]
+        "config.json", "tokenizer.json", "model.safetensors.index.json", NOTE_FILE, REMOTE_CODE_FILE)]
     if ours and not overwrite:
         raise FileExistsError(f"{out} already holds a model ({ours[0].name}); pass overwrite=True to replace it")
     for p in ours:

@@ -45,10 +45,9 @@ def load_tokenizer(spec: str | os.PathLike) -> tokenizers.Tokenizer | None:
     if path.is_dir():
         tok_path = path / "tokenizer.json"
         return tokenizers.Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
-    from tyr_jax.loading.gguf import _open, _tokenizer
+    from tyr_jax.loading.gguf import read_gguf_tokenizer
 
-    reader = _open(path)
-    return _tokenizer({name: field.contents() for name, field in reader.fields.items()})
+    return read_gguf_tokenizer(path)
 
 
 def load_model(spec: str | os.PathLike, *, dtype=jnp.float32, shardings=None) -> LoadedModel:

@@ -64,6 +64,17 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], Tok
     return config, state_dict, tokenizer
 
 
+def read_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a GGUF file alone (its metadata; no tensor is read)."""
+    return _tokenizer({name: field.contents() for name, field in read_gguf_fields(path).items()})
+
+
+def read_gguf_fields(path: str | os.PathLike) -> dict[str, gguf.ReaderField]:
+    """The metadata fields of a GGUF file by key (no tensor is read): `.contents()` gives a value,
+    `.types` its GGUF value type(s), as `tyr_jax.export.gguf` copies the `tokenizer.*` ones."""
+    return dict(_open(pathlib.Path(path)).fields)
+
+
 def _open(path: pathlib.Path) -> gguf.GGUFReader:
     if not path.exists():
         raise FileNotFoundError(f"GGUF file {path} does not exist; pass the path of a .gguf file "
@@ -209,7 +220,7 @@ def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, out // n_heads // 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, normalizers.Normalizer | None, bool]:
+def gguf_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, normalizers.Normalizer | None, bool]:
     """`(pre_tokenizer, normalizer, ignore_merges)` for llama.cpp's `tokenizer.ggml.pre` name.
 
     Each matches the model's own `tokenizer.json` (and llama.cpp's regexes for the same name).
@@ -242,7 +253,7 @@ def _tokenizer(meta: dict[str, Any]) -> Tokenizer:
         raise ValueError("GGUF file has no BPE tokens/merges; load the model from an HF directory instead")
     tokens = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    pre_tokenizer, normalizer, ignore_merges = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt-2"))
+    pre_tokenizer, normalizer, ignore_merges = gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt-2"))
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, dropout=None,
                                continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
                                byte_fallback=False, ignore_merges=ignore_merges))

@@ -171,6 +171,11 @@ class ModelConfig:
         """Builds the config from an HF `config.json` dict; unsupported math is an error."""
         hf = dict(hf)
         model_type = hf.pop("model_type", None)
+        if model_type == "tyr":  # our exports for transformers' remote code: the base type is named
+            model_type = hf.pop("tyr_base_model_type", None)
+            if model_type is None:
+                raise ValueError("config.json has model_type 'tyr' but no tyr_base_model_type (llama, mistral or "
+                                 "qwen2); it was not written by tyr-jax's export: export the model again")
         if model_type not in SUPPORTED_MODEL_TYPES:
             arch = hf.get("architectures") or model_type
             raise ValueError(f"architecture {arch!r} (model_type {model_type!r}) is not supported; tyr-jax "

@@ -71,7 +71,7 @@ class Block:
 @_pytree
 class Weights:
     embed_vd: Array = _axes("vocab", "embed")
-    blocks: list[Block] = None
+    blocks: list[Block] | Block = None   # a list, or one Block stacked on a leading layer axis (stack_blocks)
     final_norm_d: Array = _axes("embed")
     lm_head_dv: Array | None = _axes("embed", "vocab")  # None when tied to the embedding
 
@@ -252,11 +252,50 @@ def hidden_states(weights: Weights, tokens_bt: Int[Array, "B T"], cfg: ModelConf
         positions_bt = default_positions(tokens_bt)
     rope = rope_tables(cfg, positions_bt)
     x = embed(weights, tokens_bt)
+    if isinstance(weights.blocks, Block):   # stacked on a leading layer axis: one compiled block, any depth
+        return scan_blocks(weights.blocks, x, cfg, rope, masks=masks, implementation=implementation)
     for i, blk in enumerate(weights.blocks):
         x = block(blk, x, cfg, rope, implementation=implementation,
                   kv_mask_k=None if masks is None else masks.kv_lk[i],
                   mlp_mask_f=None if masks is None else masks.mlp_lf[i])
     return x
+
+
+def _layout(blk: Block) -> tuple:
+    return jax.tree.structure(blk), [(x.shape, x.dtype) for x in jax.tree.leaves(blk)]
+
+
+def stackable(blocks: list[Block]) -> bool:
+    """Whether every block has layer 0's arrays, shapes and dtypes (a dense or uniformly pruned model)."""
+    return all(_layout(b) == _layout(blocks[0]) for b in blocks)
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+    """Blocks of one shape → one `Block` whose arrays carry a leading layer axis [L, ...]."""
+    if not stackable(blocks):
+        odd = [i for i, b in enumerate(blocks) if _layout(b) != _layout(blocks[0])]
+        raise ValueError(f"layers {odd} differ in size from layer 0: only blocks of one shape stack "
+                         f"(keep a pruned model with per-layer sizes as a list of blocks)")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+
+
+def unstack_blocks(stacked: Block) -> list[Block]:
+    """Inverse of `stack_blocks`."""
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)]
+
+
+def scan_blocks(stacked: Block, x_btd: Array, cfg: ModelConfig, rope, *, masks: UnitMasks | None = None,
+                implementation: str | None = None) -> Float[Array, "B T D"]:
+    """`block` over stacked layers with `lax.scan`: compile time and program size do not grow with depth."""
+    def step(x, layer):
+        blk, kv_mask_k, mlp_mask_f = layer
+        return block(blk, x, cfg, rope, kv_mask_k=kv_mask_k, mlp_mask_f=mlp_mask_f,
+                     implementation=implementation), None
+
+    xs = (stacked, None, None) if masks is None else (stacked, masks.kv_lk, masks.mlp_lf)
+    x_btd, _ = jax.lax.scan(step, x_btd, xs)
+    return x_btd
 
 
 def forward(weights: Weights, tokens_bt: Int[Array, "B T"], cfg: ModelConfig, *,
@@ -335,9 +374,3 @@ def apply_masks(weights: Weights, cfg: ModelConfig, masks: UnitMasks) -> tuple[W
     blocks = [slice_block(b, np.flatnonzero(kv[i]), np.flatnonzero(mlp_m[i])) for i, b in enumerate(weights.blocks)]
     pruned_cfg = cfg.with_layer_sizes(kv.sum(axis=1), mlp_m.sum(axis=1))
     return dataclasses.replace(weights, blocks=blocks), pruned_cfg
-
-
-def full_masks(cfg: ModelConfig, dtype=jnp.float32) -> UnitMasks:
-    """All-ones masks (nothing pruned) for a dense `cfg`."""
-    return UnitMasks(kv_lk=jnp.ones((cfg.num_layers, cfg.num_kv_heads), dtype),
-                     mlp_lf=jnp.ones((cfg.num_layers, cfg.intermediate_size), dtype))

@@ -63,7 +63,7 @@ from tyr_jax.distributed import claim_directory
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning.baselines import wanda_sp_scores
-from tyr_jax.sharding import put_batch, replicated
+from tyr_jax.sharding import put_batch, replicated, to_host
 
 INITS = ("wanda_sp", "uniform")
 
@@ -85,9 +85,10 @@ class PolicyGradientConfig:
     sublayer_init: float = 0.95       # starting keep-probability of each sublayer gate (prune_sublayers)
     seed: int = 42
     checkpoint_every: int = 100
+    log_every: int = 50               # steps between pulls to the host (losses, progress bar); changes no result
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "baseline_window", "checkpoint_every"):
+        for name in ("steps", "batch_size", "seq_len", "baseline_window", "checkpoint_every", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"policy_gradient.{name} must be a positive integer, got {value!r}")
@@ -358,17 +359,31 @@ def initial_probs(pcfg: PolicyGradientConfig, cfg: ModelConfig, target_sparsity:
 # -- the driver: checkpointed, resumable, with a progress bar -----------------------------------------
 
 
-def _batch(stream: np.ndarray, pcfg: PolicyGradientConfig, key_data, step: int) -> np.ndarray:
-    """The training windows of one step: seq_len + 1 tokens each (inputs and targets), from its data key."""
-    data_key, _ = step_keys(key_data, step)
-    return sampler.sample_windows(stream, pcfg.batch_size, pcfg.seq_len + 1, key=data_key)
+def _batches(stream: np.ndarray, pcfg: PolicyGradientConfig, key_data, steps: range) -> np.ndarray:
+    """The training windows of `steps` [S, B, seq_len + 1] (inputs and targets), each step's from its data
+    key, drawn in one call."""
+    data_keys = jax.vmap(lambda t: step_keys(key_data, t)[0])(jnp.arange(steps.start, steps.stop, dtype=jnp.int32))
+    return sampler.sample_window_batches(stream, pcfg.batch_size, pcfg.seq_len + 1, keys=data_keys)
+
+
+def _log(bar, steps: range, losses: np.ndarray, losses_k: list, state: PGState) -> None:
+    """The host's look at `steps`, once they ran: their mean losses into `losses` (one transfer), a note
+    for every non-finite one, the progress bar moved on with the baseline δ as its loss."""
+    means = to_host(jnp.stack([jnp.mean(loss_k) for loss_k in losses_k]))
+    losses[steps.start: steps.stop] = means
+    for t in np.flatnonzero(~np.isfinite(means)):
+        tqdm.write(f"policy gradient step {steps.start + t}: a sampled mask's loss is not finite; the step is skipped")
+    bar.update(len(steps))
+    bar.set_postfix(loss=f"{float(to_host(state.baseline)):.4f}")
 
 
 def state_fingerprint(cfg: ModelConfig, pcfg: PolicyGradientConfig, target_sparsity: float,
                       extra: dict | None = None) -> dict:
-    """What a learning run's state depends on (its directory's `meta.json`); `extra` adds the caller's."""
-    return {"policy_gradient": dataclasses.asdict(pcfg), "target_sparsity": target_sparsity,
-            "model_config": cfg.to_hf(), **(extra or {})}
+    """What a learning run's state depends on (its directory's `meta.json`; `log_every` changes nothing);
+    `extra` adds the caller's."""
+    settings = {k: v for k, v in dataclasses.asdict(pcfg).items() if k != "log_every"}
+    return {"policy_gradient": settings, "target_sparsity": target_sparsity, "model_config": cfg.to_hf(),
+            **(extra or {})}
 
 
 def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pcfg: PolicyGradientConfig,
@@ -377,10 +392,11 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
                 progress: bool = True) -> tuple[KeepProbs, np.ndarray]:
     """Runs (or resumes) the training loop; returns the final probabilities and the mean loss of every step.
 
-    `stream` is the calibration corpus as one token stream (training batches are drawn from it with
-    `sampler.sample_windows`, key fold_in(run key, step)); `calib_bt` are the windows for the Wanda-sp
+    `stream` is the calibration corpus as one token stream (step t's batch is what `sampler.sample_windows`
+    draws from it with key fold_in(run key, t), a span of steps at a time); `calib_bt` are the windows for the Wanda-sp
     statistics. The state is saved with Orbax under `state_dir` every `checkpoint_every` steps and at the
-    end; a directory written with other settings (`fingerprint`) is refused.
+    end; a directory written with other settings (`fingerprint`) is refused. The host waits for the device
+    only every `log_every` steps (and at checkpoints), to read the losses and move the progress bar.
 
     With a `mesh` (weights already placed by `sharding.weight_shardings`), every step's windows are split
     over `data` (when `batch_size` is a multiple of its size) and the state is kept on every device: the K
@@ -416,20 +432,29 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
         if progress:
             print(f"resuming policy gradient at step {start}/{pcfg.steps}")
     step_fn = compile_step(pg, cfg)
-    bar = tqdm(range(start, pcfg.steps), desc="policy gradient", unit="step", disable=not progress,
-               initial=start, total=pcfg.steps)
-    for t in bar:
-        tokens = put_batch(_batch(stream, pcfg, state.key, t), mesh)
-        state, losses_k = step_fn(state, weights, tokens)
-        losses[t] = float(jnp.mean(losses_k))
-        if not np.isfinite(losses[t]):
-            tqdm.write(f"policy gradient step {t}: a sampled mask's loss is not finite; the step is skipped")
-        bar.set_postfix(loss=f"{float(state.baseline):.4f}")
-        if (t + 1) % pcfg.checkpoint_every == 0 or t + 1 == pcfg.steps:
-            manager.save(t + 1, args=ocp.args.StandardSave({"state": state, "losses": losses}))
+    key_data = to_host(state.key)   # the run's key: every step's batch is drawn from it on the host
+    bar = tqdm(desc="policy gradient", unit="step", disable=not progress, initial=start, total=pcfg.steps)
+    # Steps run in spans that end at every `log_every` and `checkpoint_every` multiple: within a span the
+    # steps are dispatched back to back, and the host waits for the device only at the span's end.
+    t = start
+    while t < pcfg.steps:
+        end = min(_next_multiple(t, pcfg.log_every), _next_multiple(t, pcfg.checkpoint_every), pcfg.steps)
+        span, losses_k = range(t, end), []
+        for tokens in _batches(stream, pcfg, key_data, span):
+            state, step_losses = step_fn(state, weights, put_batch(tokens, mesh))
+            losses_k.append(step_losses)
+        _log(bar, span, losses, losses_k, state)
+        t = end
+        if t % pcfg.checkpoint_every == 0 or t == pcfg.steps:
+            manager.save(t, args=ocp.args.StandardSave({"state": state, "losses": losses}))
             manager.wait_until_finished()
+    bar.close()
     manager.close()
     return state.probs, losses
+
+
+def _next_multiple(t: int, every: int) -> int:
+    return (t // every + 1) * every
 
 
 def _prob_shapes(cfg: ModelConfig) -> KeepProbs:

@@ -70,6 +70,19 @@ def matmul_ceiling(n: int = 8192, repeats: int = 5, chain: int = 20, dtype=jnp.b
     return 2 * n ** 3 * chain / float(np.median(timed(chained, a, b, repeats=repeats))) / 1e12
 
 
+def hbm_read_bandwidth(gib: float = 4.0, repeats: int = 5, chain: int = 10) -> float:
+    """Measured device-memory read bandwidth in GB/s: `chain` sums of a `gib`-GiB bf16 array per jitted call
+    (a read-only stream, as batch-1 decoding's weight reads are)."""
+    x = jnp.ones((int(gib * 2 ** 30) // 2,), jnp.bfloat16)
+
+    @jax.jit
+    def summed(x):
+        return jax.lax.fori_loop(0, chain, lambda i, acc: acc + jnp.sum(x * i.astype(x.dtype), dtype=jnp.float32),
+                                 jnp.float32(0))
+
+    return x.nbytes * chain / float(np.median(timed(summed, x, repeats=repeats))) / 1e9
+
+
 def model_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
     # The embedding lookup is no matmul; a tied embedding is still used once, as the lm_head.
     matmul_params = cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)

@@ -4,7 +4,10 @@ Pruned models have a search-like, non-uniform distribution: the sparsity of laye
 from s/2 (first layer) to 3s/2 (last), rounded to whole KV groups and to the finest MLP level step of a
 default coarse-to-fine search (Δ = 12.5%/8 of the channels: 224 of 14336, the only widths its last
 iteration can pick), so the average is the target s. Times: prefill of a prompt (time to first token)
-and greedy per-token decoding with a KV cache, random bf16 weights.
+and greedy per-token decoding with a KV cache, random bf16 weights. Decoding is a stream of reads: each
+token reads every weight but the embedding table (one row) and each layer's whole key/value cache, so
+bytes per token over time per token is set against the device's read bandwidth measured in the same run.
+`--profile DIR` also traces one generation per model and prints where the device time goes.
 
     PYTHONPATH=.:scripts python scripts/bench_pruned_inference.py --json $OUT/inference.json
 """
@@ -13,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_forward import LLAMA31_8B, timed
+from bench_forward import LLAMA31_8B, hbm_read_bandwidth, timed
 from tyr_jax import search
 from tyr_jax.models import decode, llama
 from tyr_jax.pipeline import prunable_params
@@ -38,6 +42,30 @@ def ramp_sizes(cfg, sparsity: float):
     return kv, mlp
 
 
+def decode_bytes_per_token(weights: llama.Weights, cache_len: int) -> int:
+    """Bytes one decoding step reads: all weights but the embedding table (an untied one is read as one
+    row) and, per layer, the key and value caches of `cache_len` positions (decode.py attends over all)."""
+    total = sum(x.nbytes for x in jax.tree.leaves(weights))
+    if weights.lm_head_dv is not None:
+        total -= weights.embed_vd.nbytes
+    kv = sum(2 * cache_len * b.attn.k_dkh[0].size * b.attn.k_dkh.dtype.itemsize for b in weights.blocks)
+    return total + kv
+
+
+def device_time_by_kernel(trace_dir: str, top: int = 12) -> dict:
+    """Sums the durations of the device events of a `jax.profiler` trace (its Perfetto JSON) by name."""
+    import collections, glob, gzip
+    path = max(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True), key=os.path.getmtime)
+    events = json.load(gzip.open(path))["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, n in names.items() if "GPU" in n or "TPU" in n}
+    by_name = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in device:
+            by_name[e["name"]] += e["dur"]
+    return {"device_busy_us": sum(by_name.values()), "top_us": dict(by_name.most_common(top))}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", default="0,0.25,0.5")
@@ -45,8 +73,11 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", default=None, help="trace one generation per model into this folder")
     args = parser.parse_args()
     prompt = jax.random.randint(jax.random.key(1), (args.batch, args.prompt), 0, LLAMA31_8B.vocab_size, jnp.int32)
+    bandwidth = hbm_read_bandwidth()
+    print(f"device read bandwidth {bandwidth:.0f} GB/s", flush=True)
     rows = []
     for s in map(float, args.sparsities.split(",")):
         cfg = LLAMA31_8B if s == 0 else LLAMA31_8B.with_layer_sizes(*ramp_sizes(LLAMA31_8B, s))
@@ -63,17 +94,27 @@ def main():
         print(f"sparsity {s:.2f}: prefill {prefill_s * 1e3:.1f} ms", flush=True)
         gen_s = float(np.median(timed(gen, weights, prompt, repeats=3)))
         per_token = (gen_s - prefill_s) / args.new_tokens
+        read = decode_bytes_per_token(weights, args.prompt + args.new_tokens)
         rows.append({"sparsity": s, "prunable_params": prunable_params(weights),
                      "params": int(sum(x.size for x in jax.tree.leaves(weights))),
-                     "prefill_s": prefill_s, "decode_s_per_token": per_token})
+                     "prefill_s": prefill_s, "decode_s_per_token": per_token, "decode_bytes_per_token": read,
+                     "decode_bandwidth_fraction": read / per_token / 1e9 / bandwidth})
+        print(f"sparsity {s:.2f}: prefill {prefill_s * 1e3:.1f} ms, decode {per_token * 1e3:.2f} ms/token, "
+              f"{read / 1e9:.2f} GB/token = {rows[-1]['decode_bandwidth_fraction']:.0%} of read bandwidth")
+        if args.profile:
+            trace_dir = f"{args.profile}/sparsity-{s}"
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                jax.block_until_ready(gen(weights, prompt))
+            rows[-1]["profile"] = device_time_by_kernel(trace_dir)
+            print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
         del weights
-        print(f"sparsity {s:.2f}: prefill {prefill_s * 1e3:.1f} ms, decode {per_token * 1e3:.2f} ms/token")
     dense = rows[0]
     for r in rows:
         r["prunable_fraction_kept"] = r["prunable_params"] / dense["prunable_params"]
         r["prefill_speedup"] = dense["prefill_s"] / r["prefill_s"]
         r["decode_speedup"] = dense["decode_s_per_token"] / r["decode_s_per_token"]
     result = {"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+              "read_bandwidth_gb_s": bandwidth,
               "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "rows": rows}
     print(json.dumps(rows, indent=1))
     if args.json:

@@ -7,7 +7,8 @@ iteration can pick), so the average is the target s. Times: prefill of a prompt 
 and greedy per-token decoding with a KV cache, random bf16 weights. Decoding is a stream of reads: each
 token reads every weight but the embedding table (one row) and each layer's whole key/value cache, so
 bytes per token over time per token is set against the device's read bandwidth measured in the same run.
-`--profile DIR` also traces one generation per model and prints where the device time goes.
+`--profile DIR` also traces one generation per model and prints where the device time goes: per kernel,
+its time, its number of calls and the compiled HLO instruction it runs (its shapes).
 
     PYTHONPATH=.:scripts python scripts/bench_pruned_inference.py --json $OUT/inference.json
 """
@@ -52,18 +53,24 @@ def decode_bytes_per_token(weights: llama.Weights, cache_len: int) -> int:
     return total + kv
 
 
-def device_time_by_kernel(trace_dir: str, top: int = 12) -> dict:
-    """Sums the durations of the device events of a `jax.profiler` trace (its Perfetto JSON) by name."""
-    import collections, glob, gzip
+def device_time_by_kernel(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
+    """Device time of a `jax.profiler` trace (its trace-viewer JSON) summed per kernel name, the top ones
+    with their number of calls and the line of the compiled HLO that made them (kernel names are HLO
+    instruction names with '.' and '-' as '_')."""
+    import collections, glob, gzip, re
     path = max(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True), key=os.path.getmtime)
     events = json.load(gzip.open(path))["traceEvents"]
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device = {pid for pid, n in names.items() if "GPU" in n or "TPU" in n}
-    by_name = collections.Counter()
+    busy, calls = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e["pid"] in device:
-            by_name[e["name"]] += e["dur"]
-    return {"device_busy_us": sum(by_name.values()), "top_us": dict(by_name.most_common(top))}
+            busy[e["name"]] += e["dur"]
+            calls[e["name"]] += 1
+    hlo = {re.sub(r"[.-]", "_", m.group(1)): m.group(0)[:240]
+           for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.-]+) = .*$", hlo_text, re.MULTILINE)}
+    return {"device_busy_us": sum(busy.values()),
+            "top": [{"kernel": k, "us": us, "calls": calls[k], "hlo": hlo.get(k, "")} for k, us in busy.most_common(top)]}
 
 
 def main():
@@ -105,7 +112,7 @@ def main():
             trace_dir = f"{args.profile}/sparsity-{s}"
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 jax.block_until_ready(gen(weights, prompt))
-            rows[-1]["profile"] = device_time_by_kernel(trace_dir)
+            rows[-1]["profile"] = device_time_by_kernel(trace_dir, gen.lower(weights, prompt).compile().as_text())
             print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
         del weights
     dense = rows[0]

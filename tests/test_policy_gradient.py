@@ -1,6 +1,8 @@
 """Policy-gradient masks (ALGORITHMS.md §2): what the estimator is unbiased for, the exact budget, the
 Wanda-sp initialisation, whole-sublayer gates, learning, resume, the CLI and config errors."""
 
+import dataclasses
+import functools
 import itertools
 import json
 import pathlib
@@ -23,7 +25,7 @@ from tyr_jax.pruning import SublayerStats, accumulate_stats
 from tyr_jax.pruning import policy_gradient as pgm
 from tyr_jax.pruning.baselines import wanda_sp_scores
 from tyr_jax.runconfig import load_run_config
-from tyr_jax.sharding import make_mesh, put_batch
+from tyr_jax.sharding import make_mesh, put_batch, stack_layers
 
 CFG = ModelConfig(vocab_size=61, hidden_size=24, num_layers=2, num_heads=6, num_kv_heads=3, head_dim=4,
                   intermediate_size=40)
@@ -148,6 +150,38 @@ def test_a_short_run_lowers_the_loss_of_sampled_masks(weights):
         return float(masked_losses(weights, tokens, pgm.unit_masks(masks), cfg=CFG).mean())
 
     assert expected_loss(state.probs) < expected_loss(start) - 0.03
+
+
+def test_the_step_scans_one_block_whatever_the_depth(weights, tmp_path, monkeypatch):
+    # learn_probs trains on the layers stacked (sharding.stack_layers): the compiled step is one block in a
+    # scan, so its program does not grow with depth, and the losses are the per-layer model's.
+    pcfg = pgm.PolicyGradientConfig(samples=3, init="uniform")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 17)), jnp.int32)
+
+    def program_size(num_layers):
+        cfg = dataclasses.replace(CFG, num_layers=num_layers)
+        pg = pgm.policy_gradient(pcfg, pgm.keep_budget(cfg, 0.5))
+        state = pg.init(pgm.initial_probs(pcfg, cfg, 0.5), key=jax.random.key(1))
+        stacked = stack_layers(llama.init_weights(cfg, key=jax.random.key(0)))
+        return len(jax.make_jaxpr(functools.partial(pgm.train_step, pg, cfg=cfg))(state, stacked, tokens).eqns)
+
+    assert program_size(2) == program_size(8)
+    probs = pgm.initial_probs(pcfg, CFG, 0.5)
+    masks = pgm.unit_masks(pgm.sample_masks(probs, 3, key=jax.random.key(2)))
+    np.testing.assert_allclose(masked_losses(stack_layers(weights), tokens, masks, cfg=CFG),
+                               masked_losses(weights, tokens, masks, cfg=CFG), rtol=1e-6)
+    trained_on = []
+
+    def first_step_only(pg, cfg):
+        def step(state, w, tokens):
+            trained_on.append(w)
+            raise KeyboardInterrupt
+        return step
+
+    monkeypatch.setattr(pgm, "compile_step", first_step_only)
+    with pytest.raises(KeyboardInterrupt):
+        _learn(weights, tmp_path, init="uniform")
+    assert isinstance(trained_on[0].blocks, llama.Block)
 
 
 def test_a_step_with_a_non_finite_loss_changes_nothing():

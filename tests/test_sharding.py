@@ -16,7 +16,7 @@ from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pipeline import build_mesh, place
 from tyr_jax.runconfig import load_run_config
-from tyr_jax.sharding import make_mesh
+from tyr_jax.sharding import make_mesh, stack_layers, weight_shardings
 
 # Every sharded dimension divides 2, 4 and 8: KV groups (4), their o_proj rows (32), MLP channels (64), vocab.
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=4,
@@ -55,6 +55,20 @@ def single(tmp_path_factory):
     bank = search.load_bank(store, CFG, SUPERNET.num_levels, jnp.float32)
     pool = search.FitnessPool(_weights(), CFG, pool_tokens, SEARCH, progress=False)
     return store, plan, bank, pool
+
+
+def test_stacked_layers_are_placed_by_the_table_and_compute_the_same():
+    # The leading layer axis stays whole; the rest of each array is split as the per-layer table says.
+    mesh = make_mesh(4, 2)
+    per_layer = place(_weights(), mesh)
+    stacked = stack_layers(per_layer, mesh)
+    assert isinstance(stacked.blocks, llama.Block)
+    for got, want in zip(jax.tree.leaves(stacked.blocks), jax.tree.leaves(per_layer.blocks[0]), strict=True):
+        assert got.sharding.spec == P(None, *want.sharding.spec)
+    assert weight_shardings(stacked, mesh).blocks.mlp.gate_df.spec == P(None, None, "model")
+    tokens = np.random.default_rng(5).integers(0, CFG.vocab_size, (8, 12)).astype(np.int32)
+    np.testing.assert_allclose(llama.forward(stacked, tokens, CFG), llama.forward(per_layer, tokens, CFG),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_mesh_section_is_validated_with_clear_errors():

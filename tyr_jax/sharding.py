@@ -17,6 +17,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tyr_jax.models import llama
+
 # Logical axis → mesh axis (or axes). Tokens and sequences go over `data`; heads, KV groups, MLP
 # channels and vocab over `model`. The rows of a sublayer's Hessian (and of the pruner's working
 # matrices, which inherit them) go over every device: statistics are reduce-scattered, and the
@@ -69,7 +71,8 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
 def weight_shardings(weights, mesh: Mesh, rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_RULES):
     """A pytree of `NamedSharding`s matching `weights` (real or abstract), from the fields' axes.
 
-    A field with `axes` may hold one array or a list of arrays (one per layer) of those axes."""
+    A field with `axes` may hold one array or a list of arrays (one per layer) of those axes, or an array
+    with leading axes beyond them (stacked layers, `llama.stack_blocks`), which stay whole."""
 
     def visit(node):
         if dataclasses.is_dataclass(node) and not isinstance(node, type):
@@ -80,7 +83,8 @@ def weight_shardings(weights, mesh: Mesh, rules: Mapping[str, str | tuple[str, .
                     out[field.name] = None
                 elif "axes" in field.metadata:
                     out[field.name] = jax.tree.map(
-                        lambda a, axes=field.metadata["axes"]: NamedSharding(mesh, spec_for(axes, a.shape, mesh, rules)),
+                        lambda a, axes=field.metadata["axes"]: NamedSharding(mesh, spec_for(
+                            (None,) * (len(a.shape) - len(axes)) + tuple(axes), a.shape, mesh, rules)),
                         value)
                 else:
                     out[field.name] = visit(value)
@@ -90,6 +94,18 @@ def weight_shardings(weights, mesh: Mesh, rules: Mapping[str, str | tuple[str, .
         raise TypeError(f"unexpected node {type(node).__name__} in weights")
 
     return visit(weights)
+
+
+def stack_layers(weights, mesh: Mesh | None = None):
+    """`weights` with its blocks stacked on a leading layer axis (`llama.stack_blocks`), placed by the table
+    on `mesh`, so a forward pass scans one compiled block; a model whose layers differ in size is returned
+    as it is. The stacked copy is new memory: the caller's list of blocks stays."""
+    if isinstance(weights.blocks, llama.Block) or not llama.stackable(weights.blocks):
+        return weights
+    stack = lambda w: dataclasses.replace(w, blocks=llama.stack_blocks(w.blocks))  # noqa: E731
+    if mesh is None:
+        return jax.jit(stack)(weights)
+    return jax.jit(stack, out_shardings=weight_shardings(jax.eval_shape(stack, weights), mesh))(weights)
 
 
 def logical_sharding(mesh: Mesh, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:

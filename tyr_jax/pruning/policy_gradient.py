@@ -63,7 +63,7 @@ from tyr_jax.distributed import claim_directory
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 from tyr_jax.pruning.baselines import wanda_sp_scores
-from tyr_jax.sharding import put_batch, replicated, to_host
+from tyr_jax.sharding import put_batch, replicated, stack_layers, to_host
 
 INITS = ("wanda_sp", "uniform")
 
@@ -396,7 +396,9 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
     draws from it with key fold_in(run key, t), a span of steps at a time); `calib_bt` are the windows for the Wanda-sp
     statistics. The state is saved with Orbax under `state_dir` every `checkpoint_every` steps and at the
     end; a directory written with other settings (`fingerprint`) is refused. The host waits for the device
-    only every `log_every` steps (and at checkpoints), to read the losses and move the progress bar.
+    only every `log_every` steps (and at checkpoints), to read the losses and move the progress bar. The step
+    runs on a copy of the weights with the layers stacked (`sharding.stack_layers`): one compiled block in a
+    scan, whatever the depth, for the price of holding the weights twice while training.
 
     With a `mesh` (weights already placed by `sharding.weight_shardings`), every step's windows are split
     over `data` (when `batch_size` is a multiple of its size) and the state is kept on every device: the K
@@ -432,6 +434,7 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
         if progress:
             print(f"resuming policy gradient at step {start}/{pcfg.steps}")
     step_fn = compile_step(pg, cfg)
+    stacked = stack_layers(weights, mesh)   # one compiled block scanned over the layers, whatever the depth
     key_data = to_host(state.key)   # the run's key: every step's batch is drawn from it on the host
     bar = tqdm(desc="policy gradient", unit="step", disable=not progress, initial=start, total=pcfg.steps)
     # Steps run in spans that end at every `log_every` and `checkpoint_every` multiple: within a span the
@@ -441,7 +444,7 @@ def learn_probs(weights: llama.Weights, cfg: ModelConfig, stream: np.ndarray, pc
         end = min(_next_multiple(t, pcfg.log_every), _next_multiple(t, pcfg.checkpoint_every), pcfg.steps)
         span, losses_k = range(t, end), []
         for tokens in _batches(stream, pcfg, key_data, span):
-            state, step_losses = step_fn(state, weights, put_batch(tokens, mesh))
+            state, step_losses = step_fn(state, stacked, put_batch(tokens, mesh))
             losses_k.append(step_losses)
         _log(bar, span, losses, losses_k, state)
         t = end

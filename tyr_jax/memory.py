@@ -63,7 +63,8 @@ def pruner_bytes(mesh, d_in: int, d_out: int, unit_size: int, removals: tuple[in
     w = jax.ShapeDtypeStruct((d_in, d_out), dtype, sharding=logical_sharding(mesh, (axis, "embed"), (d_in, d_out)))
     kind = "attn" if unit_size > 1 else "mlp"
     traced, static = split_hparams([SupernetConfig(attn_round_size=round_size, mlp_round_size=round_size)], kind)
-    return _compiled_bytes(prune_step.lower(w, stats, traced, "tyr", unit_size, removals, static))
+    return _compiled_bytes(prune_step.lower(w, stats, traced, "tyr", unit_size, np.asarray(removals, np.int32),
+                                            static))
 
 
 def _variant_stats(d_in: int):

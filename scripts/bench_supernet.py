@@ -41,8 +41,9 @@ def time_pruner(d_in, d_out, unit, removals, round_size, *, key):
     h = jnp.einsum("ni,nj->ij", x, x, preferred_element_type=jnp.float32)
     stats = SublayerStats(h, jnp.zeros((d_in,), jnp.float32), jnp.float32(x.shape[0]))
     w = (0.02 * jax.random.normal(kw, (d_in, d_out), jnp.float32)).astype(jnp.bfloat16)
-    prune = jax.jit(get_pruner("tyr"), static_argnames=("unit_size", "removals", "round_size"))
-    run = lambda: jax.block_until_ready(prune(w, stats, unit_size=unit, removals=removals, round_size=round_size))  # noqa: E731
+    prune = jax.jit(get_pruner("tyr"), static_argnames=("unit_size", "round_size"))   # the counts are data
+    counts = np.asarray(removals, np.int32)
+    run = lambda: jax.block_until_ready(prune(w, stats, unit_size=unit, removals=counts, round_size=round_size))  # noqa: E731
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start

@@ -1,5 +1,6 @@
 """Local pruners: NumPy float64 references for the baselines, and a contract suite over every
-registered pruner (dtype kept, exact budget, deterministic, no retrace, multi-device mesh, errors)."""
+registered pruner (dtype kept, exact budget, deterministic, no retrace, removal counts as data,
+multi-device mesh, errors)."""
 
 from __future__ import annotations
 
@@ -183,6 +184,34 @@ def test_contract_deterministic_and_no_retrace(name):
         got = fn(*inputs)
         want = _jitted(name)(*inputs, **CONTRACT_KWARGS)
         chex.assert_trees_all_equal(got, want)
+    assert len(traces) == 1
+    assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", ALL_PRUNERS)
+def test_contract_removal_counts_are_data(name):
+    """Removal counts as a traced int32 vector: traced and compiled once for any counts (unsorted,
+    repeated, 0 and every unit), and each level's kept set and weights bit-identical to that count asked
+    for alone, static (FLAP's bias up to the summation order of a matmul over E rows instead of one)."""
+    traces = []
+
+    def counted(w, stats, removals):
+        traces.append(None)
+        return get_pruner(name)(w, stats, unit_size=2, removals=removals)
+
+    fn = jax.jit(counted)
+    w, stats = _inputs(8)
+    for removals in [(0, 3, 7, 12), (12, 5, 5, 1), (2, 4, 6, 8)]:
+        got = fn(w, stats, np.asarray(removals, np.int32))
+        for e, r in enumerate(removals):
+            alone = _jitted(name)(w, stats, unit_size=2, removals=(r,))
+            np.testing.assert_array_equal(np.asarray(got.keep_eu[e]), np.asarray(alone.keep_eu[0]))
+            np.testing.assert_array_equal(np.asarray(got.w_eio[e]), np.asarray(alone.w_eio[0]))
+            assert (got.bias_eo is None) == (alone.bias_eo is None)
+            if got.bias_eo is not None:
+                scale = float(jnp.abs(alone.bias_eo).max())
+                np.testing.assert_allclose(np.asarray(got.bias_eo[e]), np.asarray(alone.bias_eo[0]), rtol=1e-6,
+                                           atol=1e-6 * scale)
     assert len(traces) == 1
     assert fn._cache_size() == 1
 

@@ -1,6 +1,8 @@
-"""The evolutionary search: budget-exact mutations, batched candidate evaluation, KL fitness, resume."""
+"""The evolutionary search: budget-exact mutations, batched candidate evaluation, KL fitness (over chunks
+of tokens), resume."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +101,63 @@ def test_topk_kl_matches_numpy_and_vanishes_for_the_dense_model(setup):
     p = np.exp(np.asarray(logp, np.float64))
     want = np.sum(p * (np.asarray(logp) - logq))
     assert float(search.topk_kl(jnp.asarray(other, jnp.float32), idx, logp).sum()) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 27, search.LOGIT_CHUNK])
+def test_fitness_over_token_chunks_equals_whole_logits(setup, chunk):
+    # 3 windows of 10 tokens score 27 positions: chunks of 1, of 4 (6 chunks and 3 left over), one chunk, and
+    # the default (larger than the input). The same top-k and KL as from the whole [B, T, V] logits.
+    weights, *_ = setup
+    tokens = np.random.default_rng(6).integers(0, CFG.vocab_size, (3, 10)).astype(np.int32)
+    dense = llama.forward(weights, tokens, CFG)
+    values, want_idx = jax.lax.top_k(dense[:, :-1], 16)
+    idx, logp = search.dense_topk(weights, tokens, CFG, 16, chunk=chunk)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(values, axis=-1)), rtol=1e-6, atol=1e-6)
+    other = dataclasses.replace(weights, final_norm_d=weights.final_norm_d * 1.5)   # a different model
+    x = llama.hidden_states(other, tokens, CFG)
+    got = search.stream_topk_kl(other, x, idx, logp, CFG, chunk=chunk)
+    want = search.topk_kl(llama.unembed(other, x, CFG), idx, logp)
+    assert got.shape == (3,) and float(want.min()) > 0.01
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_fitness_holds_a_chunk_of_logits_not_all_of_them():
+    # XLA's buffers for the KL of 4 × 64 positions over 4,096 words: all logits at once are 4 MiB of fp32;
+    # in chunks of 16 tokens the whole program needs less than a quarter of that.
+    cfg = ModelConfig(vocab_size=4096, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                      intermediate_size=16)
+    weights = jax.eval_shape(lambda: llama.init_weights(cfg, key=jax.random.key(0)))
+    x = jax.ShapeDtypeStruct((4, 65, 16), jnp.float32)
+    idx, logp = jax.ShapeDtypeStruct((4, 64, 8), jnp.int32), jax.ShapeDtypeStruct((4, 64, 8), jnp.float32)
+    logits_bytes = 4 * 64 * 4096 * 4
+
+    def temp_bytes(chunk):
+        fn = jax.jit(functools.partial(search.stream_topk_kl, cfg=cfg, chunk=chunk))
+        return fn.lower(weights, x, idx, logp).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(16) < logits_bytes / 4
+    assert temp_bytes(256) >= logits_bytes          # one chunk of everything: the whole logits
+
+
+def test_logit_chunk_is_a_setting_that_changes_only_the_summation_order(setup):
+    weights, plan, _, bank, pool = setup
+    assert SCFG.logit_chunk == search.LOGIT_CHUNK == search.SearchConfig().logit_chunk
+    with pytest.raises(ValueError, match="logit_chunk must be a positive"):
+        dataclasses.replace(SCFG, logit_chunk=0)
+    parent = np.full((2, 3), 4, np.int32)
+    kids = search.mutate(parent, plan, np.random.default_rng(3), 6, 4)
+    rows = np.arange(4)
+    small = dataclasses.replace(SCFG, logit_chunk=5)      # 4 windows × 15 positions: 12 chunks per call
+    parent_fit, fit = search.evaluate(weights, bank, CFG, SCFG, pool, parent, kids, rows)
+    parent_small, fit_small = search.evaluate(weights, bank, CFG, small, pool, parent, kids, rows)
+    np.testing.assert_allclose(fit_small, fit, rtol=1e-6)
+    assert parent_small == pytest.approx(parent_fit, rel=1e-6)
+    pool_small = search.FitnessPool(weights, CFG, pool.tokens, small, progress=False)
+    np.testing.assert_array_equal(np.asarray(pool_small.idx), np.asarray(pool.idx))
+    np.testing.assert_allclose(np.asarray(pool_small.logp), np.asarray(pool.logp), rtol=1e-6, atol=1e-6)
+    # A resumed search may use another chunk size.
+    assert search.search_fingerprint(small, plan, pool, 0) == search.search_fingerprint(SCFG, plan, pool, 0)
 
 
 def test_search_is_deterministic_budget_exact_and_resumes(setup, tmp_path, monkeypatch):

@@ -89,6 +89,33 @@ def test_copies_are_compact_and_exact_in_unit_counts(tmp_path):
             assert store.load_block(i)["mlp"][f"level_{e}"]["keep"].sum() == 40 - removed
 
 
+def test_one_pruner_program_serves_every_layer_and_iteration(tmp_path):
+    """The removal counts reach `prune_step` as data: a build compiles one attention and one MLP pruner
+    for all its layers (whose counts differ), and the next coarse-to-fine iteration, re-centred per
+    layer with a finer step, compiles nothing new."""
+    before = sn.prune_step._cache_size()
+    store, plan, scfg = _build(tmp_path, name="it0")
+    assert len(set(plan.attn)) > 1                                   # the layers' counts differ
+    compiled = sn.prune_step._cache_size()
+    assert compiled - before <= 2
+    centres = ([0.0, 1 / 3, 1.0], [0.2, 0.5, 0.9])                  # as a search might leave them
+    finer = dataclasses.replace(scfg, step=scfg.step / 2)
+    nxt = sn.LevelPlan.centred(CFG, finer, *centres)
+    assert set(nxt.mlp).isdisjoint(plan.mlp)
+    store = sn.SupernetStore(tmp_path / "it1", sn.fingerprint(CFG, finer, nxt, _calib(), "tiny", jnp.float32))
+    sn.build_supernet(_model(), CFG, _calib(), finer, nxt, store, batch_size=4, progress=False)
+    assert sn.prune_step._cache_size() == compiled
+    for i in range(CFG.num_layers):
+        for e, removed in enumerate(nxt.mlp[i]):
+            assert store.load_block(i)["mlp"][f"level_{e}"]["keep"].sum() == 40 - removed
+    # Counts outside [0, units] cannot be checked once traced: the plan is checked before the build.
+    bad = sn.LevelPlan(attn=nxt.attn, mlp=((0, 41),) * 3)
+    with pytest.raises(ValueError, match=r"mlp plan's removal counts must lie in \[0, 40\]"):
+        bad.level_arrays(CFG)
+    with pytest.raises(ValueError, match="one row of counts per layer"):
+        sn.LevelPlan(attn=nxt.attn[:2], mlp=nxt.mlp[:2]).level_arrays(CFG)
+
+
 def test_killed_build_resumes_bit_identically(tmp_path, monkeypatch):
     full, _, _ = _build(tmp_path, name="full")
     save = sn.SupernetStore.save_block

@@ -77,6 +77,40 @@ def test_matches_numpy_float64_reference(unit, removals, round_size, refit):
     np.testing.assert_allclose(np.asarray(out.w_eio), w_ref, rtol=1e-4, atol=1e-4 * np.abs(w_ref).max())
 
 
+def test_traced_counts_compile_once_and_give_each_level_of_its_removal_path():
+    # The counts are data (one trace for any of them). Level r is reached through the rounds that the
+    # other counts ≤ r cut (no round straddles a count), so it equals the last level of a static call on
+    # those counts alone, bit for bit; and it matches the float64 reference.
+    x, w = _problem(d_in=36, dead=(4,))
+    stats = accumulate_stats(SublayerStats.zeros(x.shape[1]), jnp.asarray(x, jnp.float32))
+    h = np.asarray(stats.hessian_ii, np.float64)
+    traces = []
+
+    def counted(w, stats, removals):
+        traces.append(None)
+        return get_pruner("tyr")(w, stats, unit_size=1, removals=removals, round_size=4)
+
+    traced = jax.jit(counted)
+    static = jax.jit(get_pruner("tyr"), static_argnames=("unit_size", "removals", "round_size"))
+    w32 = jnp.asarray(w, jnp.float32)
+    for removals in [(0, 3, 6, 12, 24), (24, 10, 10, 1, 36), (5, 9, 13, 17, 21)]:
+        got = traced(w32, stats, np.asarray(removals, np.int32))
+        for e, r in enumerate(removals):
+            path = static(w32, stats, unit_size=1, removals=tuple(sorted({c for c in removals if c <= r})),
+                          round_size=4)
+            np.testing.assert_array_equal(np.asarray(got.keep_eu[e]), np.asarray(path.keep_eu[-1]))
+            np.testing.assert_array_equal(np.asarray(got.w_eio[e]), np.asarray(path.w_eio[-1]))
+        keep_ref, w_ref = reference(w, h, 1, removals, round_size=4)
+        np.testing.assert_array_equal(np.asarray(got.keep_eu), keep_ref)
+        np.testing.assert_allclose(np.asarray(got.w_eio), w_ref, rtol=1e-4, atol=1e-4 * np.abs(w_ref).max())
+    assert len(traces) == 1 and traced._cache_size() == 1
+    # Traced counts cannot be checked: they are clipped to [0, U].
+    clipped = traced(w32, stats, np.asarray([-2, 40], np.int32))
+    whole = traced(w32, stats, np.asarray([0, 36], np.int32))
+    np.testing.assert_array_equal(np.asarray(clipped.keep_eu), np.asarray(whole.keep_eu))
+    np.testing.assert_array_equal(np.asarray(clipped.w_eio), np.asarray(whole.w_eio))
+
+
 def test_dead_channels_go_first_and_refit_is_least_squares():
     x, w = _problem(dead=(2, 9))
     stats = accumulate_stats(SublayerStats.zeros(x.shape[1]), jnp.asarray(x, jnp.float32))

@@ -22,8 +22,9 @@ How variants run (the table's `mode` column says which):
     per variant — the copies of variant v depend on its own earlier copies through Eq. 5 — so each
     store holds exactly what building that variant alone would write (same fingerprint; up to fp32
     rounding of batched matmuls).
-  * sequential — everything else, one variant after another: round sizes and `num_levels`/steps change
-    the pruner's static schedule and the copies' shapes, `search.top_k` is a `lax.top_k` size,
+  * sequential — everything else, one variant after another: round sizes and `num_levels` change the
+    pruner's program and the copies' shapes, steps the level plan (whose removal counts, data to the
+    pruner, the variants of one build share), `search.top_k` is a `lax.top_k` size,
     `search.seed` drives a host-side evolutionary loop, and a search follows its own supernets.
 """
 

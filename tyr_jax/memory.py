@@ -63,7 +63,8 @@ def pruner_bytes(mesh, d_in: int, d_out: int, unit_size: int, removals: tuple[in
     w = jax.ShapeDtypeStruct((d_in, d_out), dtype, sharding=logical_sharding(mesh, (axis, "embed"), (d_in, d_out)))
     kind = "attn" if unit_size > 1 else "mlp"
     traced, static = split_hparams([SupernetConfig(attn_round_size=round_size, mlp_round_size=round_size)], kind)
-    return _compiled_bytes(prune_step.lower(w, stats, traced, "tyr", unit_size, removals, static))
+    return _compiled_bytes(prune_step.lower(w, stats, traced, "tyr", unit_size, np.asarray(removals, np.int32),
+                                            static))
 
 
 def _variant_stats(d_in: int):
@@ -101,7 +102,8 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
     bank_sh = weight_shardings(bank, mesh)
     add("bank", bank, bank_sh)
     tokens = jax.ShapeDtypeStruct((search.pool_sequences, search.seq_len), jnp.int32)
-    cache = jax.eval_shape(functools.partial(pool_topk, cfg=cfg, k=search.top_k, batch=1), weights, tokens)
+    cache = jax.eval_shape(functools.partial(pool_topk, cfg=cfg, k=search.top_k, batch=1, chunk=search.logit_chunk),
+                           weights, tokens)
     cache_sh = (batch_sharding(mesh, 3),) * 2
     add("topk_cache", cache, cache_sh)
     sublayer = "hessian_mlp"
@@ -135,7 +137,7 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
                     jax.ShapeDtypeStruct((call.padded, *levels), jnp.int32, sharding=cand),
                     jax.ShapeDtypeStruct((call.windows, search.seq_len), jnp.int32, sharding=tok),
                     *_placed(cache, cache_sh), jax.ShapeDtypeStruct((call.windows,), jnp.int32, sharding=replicated(mesh)))
-            lowered = candidates_kl.lower(*args, cfg, call.group, mesh, call.over)
+            lowered = candidates_kl.lower(*args, cfg, call.group, mesh, call.over, search.logit_chunk)
             temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
         plan["search_call"] = {"device": max(temps), "total": None}
 

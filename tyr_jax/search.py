@@ -13,7 +13,10 @@ is computed once. Candidates are evaluated many per compiled call: each sublayer
 stacked levels (`LevelBank`) by the candidate's level index. An offspring differs from its parent in a
 few sublayers, so it is run only from its first changed sublayer on, starting from the parent's
 residual stream there (`candidates_kl`); on Llama-3.1-8B shapes a generation took 0.76 of the time of
-running every candidate in full (BENCHMARKS.md, search speed).
+running every candidate in full (BENCHMARKS.md, search speed). The lm_head runs over chunks of
+`logit_chunk` tokens (`over_token_chunks`), each chunk reduced to its top-k entries (the dense top-k, or a
+candidate's KL) before the next: a call holds chunk × vocab fp32 logits per candidate, never
+tokens × vocab.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, wei
 from tyr_jax.supernet import LevelPlan, SupernetStore, expand_level, tokens_sha256
 
 
+# Tokens whose logits the fitness holds at once, per candidate (`SearchConfig.logit_chunk`): 512 × a 128k
+# vocabulary is 0.26 GB of fp32 logits, and a [512, D] × [D, V] matmul still fills an accelerator.
+LOGIT_CHUNK = 512
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     generations: int = 50
@@ -49,6 +57,7 @@ class SearchConfig:
     seq_len: int = 512
     token_batch: int = 4                                 # a compiled call holds candidate_batch × token_batch
     candidate_batch: int = 16                            # (candidate, window) pairs: the memory budget
+    logit_chunk: int = LOGIT_CHUNK                       # tokens per lm_head chunk: chunk × vocab fp32 logits
     max_flips: int = 4
     iterations: int = 4                                  # coarse-to-fine iterations (Δ halves each time)
     seed: int = 0
@@ -64,6 +73,8 @@ class SearchConfig:
                              f"the last stage ({max(self.stage_tokens)} tokens)")
         if self.generations < 0 or self.top_k < 1 or self.iterations < 0:
             raise ValueError("generations and iterations must be >= 0, top_k >= 1")
+        if self.logit_chunk < 1:
+            raise ValueError(f"search.logit_chunk must be a positive number of tokens, got {self.logit_chunk}")
 
 
 # -- the copies, stacked for gathering ---------------------------------------------------------
@@ -157,22 +168,46 @@ def first_change(levels_c2l, parent_2l):
     return changed.argmax(axis=1).astype("int32") + (~changed.any(axis=1)).astype("int32") * changed.shape[1]
 
 
-def dense_topk(weights, tokens_bt, cfg: ModelConfig, k: int):
-    """Indices and log-probabilities (renormalised over the k) of the dense model's top-k, positions 0..T-2."""
-    logits = llama.forward(weights, tokens_bt, cfg)[:, :-1]
-    values, idx = jax.lax.top_k(logits, k)
-    return idx.astype(jnp.int32), jax.nn.log_softmax(values, axis=-1)
+def over_token_chunks(fn, chunk: int, *arrays_bt):
+    """fn of one token's slices (x[b, t], ...) for every token of [B, T, ...] arrays: its outputs [B, T, ...].
+
+    The B·T tokens run `chunk` at a time (vmapped within a chunk, one chunk after another; the tokens
+    left over, fewer than `chunk`, in one smaller chunk), so what fn makes per token — a row of logits —
+    exists for one chunk at a time."""
+    b, t = arrays_bt[0].shape[:2]
+    flat = tuple(a.reshape(b * t, *a.shape[2:]) for a in arrays_bt)
+    out = jax.lax.map(lambda args: fn(*args), flat, batch_size=min(chunk, b * t))
+    return jax.tree.map(lambda a: a.reshape(b, t, *a.shape[1:]), out)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "batch", "mesh"))
-def pool_topk(weights, tokens_nt, cfg: ModelConfig, k: int, batch: int, mesh=None):
-    """`dense_topk` of every pool window, `batch` windows at a time: [N, T-1, k] twice.
+def _token_logits(weights, x_d, cfg: ModelConfig):
+    """The fp32 logits [V] of one position of the residual stream (final norm and lm_head)."""
+    return llama.unembed(weights, x_d[None, None], cfg)[0, 0]
+
+
+def dense_topk(weights, tokens_bt, cfg: ModelConfig, k: int, *, chunk: int = LOGIT_CHUNK):
+    """Indices and log-probabilities (renormalised over the k) of the dense model's top-k, positions 0..T-2:
+    [B, T-1, k] twice, the lm_head and the top-k `chunk` tokens at a time (`over_token_chunks`)."""
+    x_btd = llama.hidden_states(weights, tokens_bt, cfg)[:, :-1]
+
+    def one(x_d):
+        values, idx = jax.lax.top_k(_token_logits(weights, x_d, cfg), k)
+        return idx.astype(jnp.int32), jax.nn.log_softmax(values)
+
+    return over_token_chunks(one, chunk, x_btd)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "batch", "mesh", "chunk"))
+def pool_topk(weights, tokens_nt, cfg: ModelConfig, k: int, batch: int, mesh=None, chunk: int = LOGIT_CHUNK):
+    """`dense_topk` of every pool window, `batch` windows at a time (the lm_head `chunk` tokens at a time):
+    [N, T-1, k] twice.
 
     With a mesh, every `data` device computes and keeps its own N/D windows (the cache never moves)."""
 
     def local(weights, tokens):
         n, t = tokens.shape
-        idx, logp = jax.lax.map(lambda tok: dense_topk(weights, tok, cfg, k), tokens.reshape(n // batch, batch, t))
+        idx, logp = jax.lax.map(lambda tok: dense_topk(weights, tok, cfg, k, chunk=chunk),
+                                tokens.reshape(n // batch, batch, t))
         return idx.reshape(n, t - 1, k), logp.reshape(n, t - 1, k)
 
     if mesh is None:
@@ -183,15 +218,28 @@ def pool_topk(weights, tokens_nt, cfg: ModelConfig, k: int, batch: int, mesh=Non
 
 def topk_kl(logits_btv, idx_btk, logp_btk):
     """KL(p ‖ q) summed over the positions of each sequence: [B]; p and q the dense and candidate
-    distributions over the dense top-k."""
+    distributions over the dense top-k. From whole logits [B, T, V]; the search uses `stream_topk_kl`."""
     picked = jnp.take_along_axis(logits_btv[:, :-1], idx_btk, axis=-1)
     logq = jax.nn.log_softmax(picked, axis=-1)
     return jnp.sum(jnp.exp(logp_btk) * (logp_btk - logq), axis=(1, 2))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "group", "mesh", "over"))
+def stream_topk_kl(weights, x_btd, idx_btk, logp_btk, cfg: ModelConfig, *, chunk: int = LOGIT_CHUNK):
+    """`topk_kl` of the logits of the residual stream x_btd (after the last block): [B], the lm_head, the
+    gather of the k columns and the log-sum-exp `chunk` tokens at a time (`over_token_chunks`).
+
+    KL_t = Σ_k p_tk (log p_tk − log q_tk),  log q_tk = z_t[idx_tk] − logsumexp_k' z_t[idx_tk'].
+    """
+    def one(x_d, idx_k, logp_k):
+        logq = jax.nn.log_softmax(_token_logits(weights, x_d, cfg)[idx_k])
+        return jnp.sum(jnp.exp(logp_k) * (logp_k - logq))
+
+    return jnp.sum(over_token_chunks(one, chunk, x_btd[:, :-1], idx_btk, logp_btk), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "group", "mesh", "over", "chunk"))
 def candidates_kl(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_ntk, logp_ntk, rows_b, cfg, group,
-                  mesh=None, over="tokens"):
+                  mesh=None, over="tokens", chunk: int = LOGIT_CHUNK):
     """Per-sequence top-k KL on the pool windows `rows_b` of the parent [2, L] and of C candidates
     [C, 2, L]: ([B], [C, B]).
 
@@ -205,7 +253,8 @@ def candidates_kl(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_ntk, logp
     cache) assembles them (XLA's partitioning of the gather, read off the compiled program). With a
     mesh, `over` says what the `data` devices split: the token batch (every device evaluates all
     candidates on B/D windows) or the candidates (each device its C/D on all B windows); either way the
-    evaluation itself needs no collective.
+    evaluation itself needs no collective. Each KL comes from the final residual stream `chunk` tokens
+    at a time (`stream_topk_kl`): a group holds group × chunk × vocab fp32 logits, not group × B·T × vocab.
     """
     idx_btk, logp_btk = jnp.take(idx_ntk, rows_b, axis=0), jnp.take(logp_ntk, rows_b, axis=0)
     num_sublayers = 2 * cfg.num_layers
@@ -220,14 +269,14 @@ def candidates_kl(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_ntk, logp
             entry = jnp.where((starts == s)[:, None, None, None], x, entry)
             if s < num_sublayers:
                 x = _sublayer(weights, bank, cfg, rope, s, x, _level(parent, s))
-        parent_kl = topk_kl(llama.unembed(weights, x, cfg), idx, logp)
+        parent_kl = stream_topk_kl(weights, x, idx, logp, cfg, chunk=chunk)
 
         def candidate_kl(levels_2l, start, x):
             """One candidate's KL, run from the parent's stream x at sublayer `start` on."""
             for s in range(num_sublayers):
                 run = functools.partial(_sublayer, weights, bank, cfg, rope, s, level=_level(levels_2l, s))
                 x = jax.lax.cond(s >= start, run, lambda y: y, x)
-            return topk_kl(llama.unembed(weights, x, cfg), idx, logp)
+            return stream_topk_kl(weights, x, idx, logp, cfg, chunk=chunk)
 
         def group_kl(args):
             group_levels, start, x = args
@@ -308,7 +357,8 @@ class FitnessPool:
         if progress:
             print(f"dense top-{scfg.top_k} of {len(self.tokens)} fitness windows")
         tokens_nt = jnp.asarray(padded) if mesh is None else jax.device_put(padded, batch_sharding(mesh))
-        self.idx, self.logp = pool_topk(weights, tokens_nt, cfg, scfg.top_k, scfg.token_batch, mesh)
+        self.idx, self.logp = pool_topk(weights, tokens_nt, cfg, scfg.top_k, scfg.token_batch, mesh,
+                                        scfg.logit_chunk)
 
 
 class CallLayout(NamedTuple):
@@ -372,7 +422,7 @@ def evaluate(weights, bank, cfg, scfg: SearchConfig, pool: FitnessPool, parent: 
     for s in range(0, len(sequences), b):
         rows = np.asarray(sequences[s: s + b], np.int32)
         out = candidates_kl(weights, bank, parent_2l, levels, put(pool.tokens[rows], over == "tokens"), pool.idx,
-                            pool.logp, put(rows, False), cfg, group, mesh, over)
+                            pool.logp, put(rows, False), cfg, group, mesh, over, scfg.logit_chunk)
         parent_kl[s: s + b], kl[:, s: s + b] = map(to_host, out)
     fit = np.zeros(num)
     fit[order[order >= 0]] = kl[order >= 0].sum(axis=1)
@@ -438,9 +488,10 @@ def run_search(weights, cfg: ModelConfig, plan: LevelPlan, bank: LevelBank, pool
 
 def search_fingerprint(scfg: SearchConfig, plan: LevelPlan, pool: FitnessPool, iteration: int) -> dict:
     """What a search's result depends on: its settings (not the generation or iteration counts, which a
-    re-run may raise, nor the batch sizes of the compiled calls), the level plan and the fitness windows."""
+    re-run may raise, nor the sizes of the compiled calls' batches and logit chunks), the level plan and the
+    fitness windows."""
     settings = {k: v for k, v in dataclasses.asdict(scfg).items()
-                if k not in ("generations", "iterations", "token_batch", "candidate_batch")}
+                if k not in ("generations", "iterations", "token_batch", "candidate_batch", "logit_chunk")}
     return {"search": settings, "iteration": iteration, "levels": plan.to_json(),
             "pool_sha256": tokens_sha256(pool.tokens)}
 

@@ -12,7 +12,8 @@ ablation, and what the reference code does by accident).
 
 One loop builds them, `build_supernets`, for V configs at once that differ only in `damp` and
 `expectation` (`tyr-jax ablate`), vmapped over a leading variant axis; a run's build is V = 1
-(`build_supernet`).
+(`build_supernet`). The removal counts reach the pruner as data (int32 [E], `prune_step`), so one compiled
+pruner serves every block and every coarse-to-fine iteration, whatever their counts.
 """
 
 from __future__ import annotations
@@ -124,6 +125,20 @@ class LevelPlan:
         """The removal counts as JSON lists (for fingerprints)."""
         return {"attn": [list(r) for r in self.attn], "mlp": [list(r) for r in self.mlp]}
 
+    def level_arrays(self, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+        """The counts as int32 arrays [L, E] (attention, MLP), checked against `cfg`'s unit counts: what
+        `prune_step` takes as data, row by row (traced counts cannot be checked there)."""
+        out = []
+        for kind, rows, units in (("attn", self.attn, cfg.num_kv_heads), ("mlp", self.mlp, cfg.intermediate_size)):
+            counts = np.asarray(rows, np.int64)
+            if counts.ndim != 2 or counts.shape[0] != cfg.num_layers:
+                raise ValueError(f"the {kind} plan needs one row of counts per layer ({cfg.num_layers}), "
+                                 f"got shape {counts.shape}")
+            if counts.min() < 0 or counts.max() > units:
+                raise ValueError(f"the {kind} plan's removal counts must lie in [0, {units}]")
+            out.append(counts.astype(np.int32))
+        return out[0], out[1]
+
 
 def tokens_sha256(tokens: np.ndarray) -> str:
     """Digest of token windows (int32 bytes): what a fingerprint records of its calibration or fitness text."""
@@ -185,14 +200,17 @@ def _mlp_apply(mlp_w, x_vbtd, w_vio, bias_vd, cfg):
     return jax.vmap(one)(x_vbtd, w_vio, bias_vd)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "unit_size", "removals", "hparams"))
-def prune_step(w_io, stats_v, traced_v, method, unit_size, removals, hparams):
+@functools.partial(jax.jit, static_argnames=("method", "unit_size", "hparams"))
+def prune_step(w_io, stats_v, traced_v, method, unit_size, removals_e, hparams):
     """The pruner on every variant's statistics, with its traced hyper-parameters `traced_v` ({name: [V]})
-    and the shared static ones `hparams` ((name, value), ...): a LevelResult with a leading V axis."""
+    and the shared static ones `hparams` ((name, value), ...): a LevelResult with a leading V axis.
+
+    The removal counts `removals_e` (int32 [E], shared by the variants) are data, not part of the program:
+    one compilation serves every layer and every coarse-to-fine iteration (`level_arrays`)."""
     pruner = get_pruner(method)
 
     def one(stats, traced):
-        return pruner(w_io, stats, unit_size=unit_size, removals=removals, **traced, **dict(hparams))
+        return pruner(w_io, stats, unit_size=unit_size, removals=removals_e, **traced, **dict(hparams))
 
     if stats_v.count.shape[0] == 1:   # one config: no batch axis inside the pruner (XLA's buffers as unbatched)
         return jax.tree.map(lambda a: a[None], one(*jax.tree.map(lambda a: a[0], (stats_v, traced_v))))
@@ -351,6 +369,7 @@ def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.n
     method = scfgs[0].method
     attn_hp, mlp_hp = split_hparams(scfgs, "attn"), split_hparams(scfgs, "mlp")
     expectations = [s.expectation for s in scfgs]
+    attn_removals, mlp_removals = plan.level_arrays(cfg)   # data for prune_step: one program for every layer
     rope = llama.rope_tables(cfg, llama.default_positions(put_batch(chunks[0], mesh)))
     xs = [_variants(llama.embed(weights, put_batch(c, mesh)), num, mesh) for c in chunks]  # batch over `data`
     done = min(store.finished_blocks() for store in stores)
@@ -370,8 +389,8 @@ def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.n
             for x in xs:
                 stats = attn_stats_step(blk.attn, x, stats, rope, cfg, stats_shardings(mesh, attn_in, num))
             t0 = time.perf_counter()
-            result = prune_step(blk.attn.o_kghd.reshape(-1, d), stats, attn_hp[0], method, attn_unit, plan.attn[i],
-                                attn_hp[1])
+            result = prune_step(blk.attn.o_kghd.reshape(-1, d), stats, attn_hp[0], method, attn_unit,
+                                attn_removals[i], attn_hp[1])
             for v, levels in _compact(result, attn_unit, missing):
                 stored[v]["attn"] = levels
             timings["prune_s"] += time.perf_counter() - t0
@@ -382,7 +401,7 @@ def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.n
             for x in xs:
                 stats = mlp_stats_step(blk.mlp, x, stats, cfg, stats_shardings(mesh, mlp_in, num))
             t0 = time.perf_counter()
-            result = prune_step(blk.mlp.down_fd, stats, mlp_hp[0], method, 1, plan.mlp[i], mlp_hp[1])
+            result = prune_step(blk.mlp.down_fd, stats, mlp_hp[0], method, 1, mlp_removals[i], mlp_hp[1])
             for v, levels in _compact(result, 1, missing):
                 stored[v]["mlp"] = levels
             timings["prune_s"] += time.perf_counter() - t0

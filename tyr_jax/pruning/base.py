@@ -6,9 +6,11 @@ G·H channels; an MLP channel: 1). A pruner is a pure function
 
     pruner(w_io, stats, *, unit_size, removals, **hparams) -> LevelResult
 
-that returns one pruned copy per entry of `removals` (a static tuple of how many units to remove),
-all from one compiled call. Shapes stay static: removed rows of W are zero and `keep_eu` says which
-units survive; `tyr_jax.supernet` slices the kept rows out when it stores a copy.
+that returns one pruned copy per entry of `removals` (how many units to remove: an int32 array [E], which
+may be traced, or a tuple of ints), all from one compiled call. The counts are data, not part of the
+program: one compiled pruner serves every layer and coarse-to-fine iteration whose shapes agree. Shapes
+stay static: removed rows of W are zero and `keep_eu` says which units survive; `tyr_jax.supernet`
+slices the kept rows out when it stores a copy.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
 
 
 class SublayerStats(NamedTuple):
@@ -49,8 +53,11 @@ class LevelResult(NamedTuple):
     bias_eo: Float[Array, "E O"] | None  # output bias to add (FLAP's compensation), else None
 
 
+Removals = Int[Array, " E"] | tuple[int, ...]   # units removed per level
+
+
 class Pruner(Protocol):
-    def __call__(self, w_io: Array, stats: SublayerStats, *, unit_size: int, removals: tuple[int, ...],
+    def __call__(self, w_io: Array, stats: SublayerStats, *, unit_size: int, removals: Removals,
                  **hparams) -> LevelResult: ...
 
 
@@ -73,8 +80,14 @@ def get_pruner(name: str) -> Pruner:
     return PRUNERS[name]
 
 
-def validate_removals(num_units: int, removals: tuple[int, ...]) -> None:
-    if not removals or any(not 0 <= r <= num_units for r in removals):
+def validate_removals(num_units: int, removals: Removals) -> None:
+    """Removal counts are a non-empty vector in [0, num_units]. The values are checked where they are known;
+    traced counts (under jit) cannot be: their caller makes them (e.g. `supernet.level_removals`)."""
+    traced = any(isinstance(r, jax.core.Tracer) for r in jax.tree.leaves(removals))
+    counts = jnp.asarray(removals) if traced else np.asarray(removals)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"removals must be a non-empty vector of unit counts, got {removals}")
+    if not traced and not np.all((counts >= 0) & (counts <= num_units)):
         raise ValueError(f"removals must be unit counts in [0, {num_units}], got {removals}")
 
 
@@ -83,11 +96,12 @@ def unit_view(x: Array, unit_size: int) -> Array:
     return x.reshape((x.shape[0] // unit_size, unit_size) + x.shape[1:])
 
 
-def keep_lowest_removed(scores_u: Array, removals: tuple[int, ...]) -> Bool[Array, "E U"]:
-    """For each removal count r, the mask that drops the r lowest-scoring units (ties: lower index first)."""
+def keep_lowest_removed(scores_u: Array, removals: Removals) -> Bool[Array, "E U"]:
+    """For each removal count r, the mask that drops the r lowest-scoring units (ties: lower index first):
+    keep_eu = rank_u ≥ r_e, rank 0 the lowest score."""
     order = jnp.argsort(scores_u, stable=True)        # ascending: first = pruned first
-    rank = jnp.empty_like(order).at[order].set(jnp.arange(order.shape[0]))
-    return jnp.stack([rank >= r for r in removals])
+    rank = jnp.empty_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return rank[None, :] >= jnp.asarray(removals, rank.dtype)[:, None]
 
 
 def masked_rows(w_io: Array, keep_eu: Array, unit_size: int) -> Array:

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from tyr_jax.pruning.base import (LevelResult, SublayerStats, keep_lowest_removed, masked_rows, register,
+from tyr_jax.pruning.base import (LevelResult, Removals, SublayerStats, keep_lowest_removed, masked_rows, register,
                                   unit_view, validate_removals)
 
 
-def _check(w_io: Array, stats: SublayerStats, unit_size: int, removals: tuple[int, ...]) -> None:
+def _check(w_io: Array, stats: SublayerStats, unit_size: int, removals: Removals) -> None:
     d_in = w_io.shape[0]
     if unit_size < 1 or d_in % unit_size:
         raise ValueError(f"unit_size {unit_size} must divide d_in {d_in}")
@@ -30,7 +30,7 @@ def _unit_sum(score_i: Array, unit_size: int) -> Array:
 
 @register("magnitude")
 def magnitude(w_io: Float[Array, "I O"], stats: SublayerStats, *, unit_size: int,
-              removals: tuple[int, ...]) -> LevelResult:
+              removals: Removals) -> LevelResult:
     """Removes the units with the smallest weight norm; no update.
 
     score_u = ‖W_u‖_F = sqrt(Σ_{i∈u, o} W_io²)   (structured magnitude pruning, e.g. Li et al. 2017).
@@ -44,7 +44,7 @@ def magnitude(w_io: Float[Array, "I O"], stats: SublayerStats, *, unit_size: int
 
 @register("wanda_sp")
 def wanda_sp(w_io: Float[Array, "I O"], stats: SublayerStats, *, unit_size: int,
-             removals: tuple[int, ...]) -> LevelResult:
+             removals: Removals) -> LevelResult:
     """Wanda-sp: weight magnitude times input-activation norm, summed over a unit; no update.
 
     score_u = Σ_{j∈u} Σ_o |W_jo| · ‖X_j‖₂,  ‖X_j‖₂ = sqrt(H_jj)
@@ -67,7 +67,7 @@ def wanda_sp_scores(w_io: Float[Array, "I O"], x_norm_i: Float[Array, " I"], uni
 
 @register("flap")
 def flap(w_io: Float[Array, "I O"], stats: SublayerStats, *, unit_size: int,
-         removals: tuple[int, ...]) -> LevelResult:
+         removals: Removals) -> LevelResult:
     """FLAP: fluctuation metric with bias compensation of the removed channels' mean output.
 
     mean_j = Σ_n X_nj / N,  Var_j = H_jj / N − mean_j²  (population, 1/N, variance),

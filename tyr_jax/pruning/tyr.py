@@ -24,17 +24,19 @@ Channels with diag(H) = 0 are dead and go first. The kept set K of every level i
 
 Measured with `towards_zero` against `exact` (BENCHMARKS.md): SmolLM2-135M at a uniform 25%, held-out
 perplexity 70.8 vs 331.6 with 4,096 calibration tokens and 52.5 vs 62.9 with 32,768. Removal is greedy,
-so a level with r units removed is a prefix of a level with more: one pass along the removal path,
-snapshotting the kept set at each level, serves all levels, and H⁻¹ is factorised once.
+so a level with r units removed is a prefix of a level with more: one pass along the removal path serves
+all levels, and H⁻¹ is factorised once. Rounds never straddle a level (a round ends at the next removal
+count at the latest), so recording the units removed before each round, `order_u`, gives every level's
+kept set as `order_u ≥ r`. The removal counts are traced (a `lax.while_loop` runs as many rounds as the
+largest count needs), so one compiled pruner serves every layer and coarse-to-fine iteration.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tyr_jax.pruning.base import LevelResult, SublayerStats, register, validate_removals
+from tyr_jax.pruning.base import LevelResult, Removals, SublayerStats, register, validate_removals
 
 # The final refit's variants (ALGORITHMS.md §1.1 step 5; the module docstring).
 REFITS = ("towards_w0", "towards_zero", "exact")
@@ -73,21 +75,8 @@ def unit_scores(w_io, hinv_ii, g_io, alive_u, dead_u, unit_size: int, *, first_o
     return jnp.where(alive_u, score, jnp.inf)
 
 
-def _removal_schedule(targets: list[int], round_size: int) -> tuple[np.ndarray, list[int]]:
-    """Units removed in each round along the path to max(targets), and the round after which each
-    target count is reached (−1: before any round)."""
-    counts, done, snapshot = [], 0, []
-    for target in targets:
-        while done < target:
-            step = min(round_size, target - done)
-            counts.append(step)
-            done += step
-        snapshot.append(len(counts) - 1)
-    return np.asarray(counts, np.int32), snapshot
-
-
 @register("tyr")
-def tyr_prune(w_io, stats: SublayerStats, *, unit_size: int, removals: tuple[int, ...], damp: float = 0.01,
+def tyr_prune(w_io, stats: SublayerStats, *, unit_size: int, removals: Removals, damp: float = 0.01,
               round_size: int = 1, first_order: bool = True, hessian_term: bool = True,
               refit: str = "towards_w0") -> LevelResult:
     """Týr local pruning of one output projection at every removal count of `removals`.
@@ -96,7 +85,8 @@ def tyr_prune(w_io, stats: SublayerStats, *, unit_size: int, removals: tuple[int
       w_io: dense output-projection weights [d_in, d_out].
       stats: calibration statistics of its inputs (H = Σ xᵀx).
       unit_size: channels per unit (G·H for a KV group, 1 for an MLP channel).
-      removals: units to remove, one pruned copy each (static).
+      removals: units to remove, one pruned copy each: int32 [E], traced or not (a tuple works too);
+        traced counts cannot be checked and are clipped to [0, U].
       damp: relative damping of H (ALGORITHMS.md §1.1 step 2).
       round_size: units removed per progressive round (1 KV group, 16 channels in the paper).
       first_order, hessian_term: keep the G and the OBS term of the score (ablations).
@@ -115,11 +105,11 @@ def tyr_prune(w_io, stats: SublayerStats, *, unit_size: int, removals: tuple[int
     if refit not in REFITS:
         raise ValueError(f"refit must be one of {', '.join(REFITS)}, got {refit!r}")
     with jax.default_matmul_precision("highest"):
-        return _tyr_prune(w_io, stats, unit_size, tuple(removals), damp, round_size, first_order, hessian_term,
-                          refit)
+        removals_e = jnp.clip(jnp.asarray(removals, jnp.int32), 0, num_units)
+        return _tyr_prune(w_io, stats, unit_size, removals_e, damp, round_size, first_order, hessian_term, refit)
 
 
-def _tyr_prune(w_io, stats, unit_size, removals, damp, round_size, first_order, hessian_term, refit):
+def _tyr_prune(w_io, stats, unit_size, removals_e, damp, round_size, first_order, hessian_term, refit):
     d_in = w_io.shape[0]
     num_units = d_in // unit_size
     w0 = w_io.astype(jnp.float32)
@@ -129,12 +119,10 @@ def _tyr_prune(w_io, stats, unit_size, removals, damp, round_size, first_order, 
     h_refit = damped_hessian(hessian, 1e-6) if refit == "exact" else hd  # 1e-6: a jitter only, for Cholesky
     dead_u = jnp.all((jnp.diagonal(hessian) == 0).reshape(num_units, unit_size), axis=1)
 
-    targets = sorted(set(removals))
-    round_counts, snapshot = _removal_schedule(targets, round_size)
-    alive0 = jnp.ones((num_units,), bool)
-
-    def one_round(carry, count):
-        w, hinv, alive = carry
+    def one_round(carry):
+        """Removes the `count` lowest-scoring units, count = min(round_size, next removal count − done)."""
+        w, hinv, alive, order_u, done = carry
+        count = jnp.minimum(round_size, jnp.min(jnp.where(removals_e > done, removals_e, num_units)) - done)
         score = unit_scores(w, hinv, g_io, alive, dead_u, unit_size, first_order=first_order,
                             hessian_term=hessian_term)
         _, picked = jax.lax.top_k(-score, min(round_size, num_units))    # lowest scores first
@@ -151,16 +139,13 @@ def _tyr_prune(w_io, stats, unit_size, removals, damp, round_size, first_order, 
         removed_c = jnp.repeat(removed_u, unit_size)
         w = jnp.where(removed_c[:, None], 0.0, w)
         hinv = jnp.where(removed_c[:, None] | removed_c[None, :], 0.0, hinv)
-        alive = alive & ~removed_u
-        return (w, hinv, alive), alive
+        return w, hinv, alive & ~removed_u, jnp.where(removed_u, done, order_u), done + count
 
-    if len(round_counts):
-        _, alive_ru = jax.lax.scan(one_round, (w0, _spd_inverse(hd), alive0), jnp.asarray(round_counts))
-        alive_ru = jnp.concatenate([alive0[None], alive_ru])
-    else:
-        alive_ru = alive0[None]
-    keep_tu = alive_ru[jnp.asarray(snapshot) + 1]                  # one row per distinct target
-    keep_eu = keep_tu[jnp.asarray([targets.index(r) for r in removals])]
+    # order_u: units removed before the round that removed u (num_units if never removed).
+    start = (w0, _spd_inverse(hd), jnp.ones((num_units,), bool), jnp.full((num_units,), num_units, jnp.int32),
+             jnp.zeros((), jnp.int32))
+    order_u = jax.lax.while_loop(lambda c: c[-1] < jnp.max(removals_e), one_round, start)[3]
+    keep_eu = order_u[None, :] >= removals_e[:, None]
 
     def refit_level(keep_u):
         """W_K = (h_refit_KK)⁻¹ G_K with removed rows 0, as one SPD solve with identity on removed channels.
@@ -177,6 +162,5 @@ def _tyr_prune(w_io, stats, unit_size, removals, damp, round_size, first_order, 
             base, rhs = 0.0, jnp.where(m[:, None], g_io, 0.0)
         return base + jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a), rhs)
 
-    w_tio = jax.lax.map(refit_level, keep_tu)
-    w_eio = w_tio[jnp.asarray([targets.index(r) for r in removals])]
+    w_eio = jax.lax.map(refit_level, keep_eu)
     return LevelResult(keep_eu=keep_eu, w_eio=w_eio.astype(w_io.dtype), bias_eo=None)

@@ -42,7 +42,8 @@ from tyr_jax.supernet import LevelPlan, SupernetStore, expand_level, tokens_sha2
 
 
 # Tokens whose logits the fitness holds at once, per candidate (`SearchConfig.logit_chunk`): 512 × a 128k
-# vocabulary is 0.26 GB of fp32 logits, and a [512, D] × [D, V] matmul still fills an accelerator.
+# vocabulary is 0.26 GB of fp32 logits (a whole 2,048-token window: 1.05 GB), and a [512, D] × [D, V]
+# matmul per chunk is still a large one. Not measured for speed on an accelerator yet.
 LOGIT_CHUNK = 512
 
 

@@ -49,8 +49,7 @@ def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool):
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
             ctx = llama.attend(q, k, v, cfg) if prompt else _cached_attention(q, k_cache, v_cache, positions, cfg)
-            out = jnp.einsum("btkgh,kghd->btd", ctx, a.o_kghd)
-            x = x + (out if a.o_bias_d is None else out + a.o_bias_d)
+            x = x + llama.output_projection(a, ctx)
         elif a.o_bias_d is not None:
             x = x + a.o_bias_d
         x = x + llama.mlp(blk.mlp, x, cfg)

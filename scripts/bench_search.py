@@ -6,8 +6,11 @@ prefix does less work, so the time can be below it). Random bf16 weights and ran
 (timing does not depend on the values); the model is built with `--layers` L₁ and L₂ layers and the
 time per generation extrapolated linearly in L to 32 (embedding and lm_head are the intercept), or with
 `--layers 32` and measured (the bank of 32 layers' copies, ~44 GB, fits a 141 GB device).
+`--compile-only` allocates nothing: it compiles a first-stage fitness call (`candidates_kl`) from abstract
+shapes at each depth and reports the seconds (any device, CPU included).
 
     PYTHONPATH=.:scripts python scripts/bench_search.py --layers 4,8 --json $OUT/search.json
+    PYTHONPATH=.:scripts python scripts/bench_search.py --compile-only --layers 4,8,16,32
 """
 
 from __future__ import annotations
@@ -50,8 +53,11 @@ def time_generation(num_layers: int, scfg: search.SearchConfig, generations: int
     """Seconds per generation (median after a compiling one) with `num_layers` layers of `base`."""
     cfg = dataclasses.replace(base, num_layers=num_layers)
     key = jax.random.key(0)
-    weights = created_sharded(lambda k: llama.init_weights(cfg, key=k, dtype=jnp.bfloat16),
-                              llama.abstract_weights(cfg, jnp.bfloat16), mesh)(key)
+    def stacked(k):   # the search scans stacked layers (sharding.stack_layers), created that way here
+        w = llama.init_weights(cfg, key=k, dtype=jnp.bfloat16)
+        return dataclasses.replace(w, blocks=llama.stack_blocks(w.blocks))
+
+    weights = created_sharded(stacked, jax.eval_shape(stacked, key), mesh)(key)
     bank = created_sharded(lambda k: random_bank(cfg, 9, k), search.abstract_bank(cfg, 9, jnp.bfloat16), mesh)(key)
     plan = LevelPlan.centred(cfg, SupernetConfig())
     tokens = np.asarray(jax.random.randint(key, (scfg.pool_sequences, scfg.seq_len), 0, cfg.vocab_size), np.int32)
@@ -75,6 +81,23 @@ def time_generation(num_layers: int, scfg: search.SearchConfig, generations: int
             "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
+def compile_seconds(num_layers: int, scfg: search.SearchConfig, base=LLAMA31_8B) -> dict:
+    """Seconds to lower and to compile the first stage's `candidates_kl` call on `num_layers` layers of `base`."""
+    cfg = dataclasses.replace(base, num_layers=num_layers)
+    s = jax.ShapeDtypeStruct
+    weights = jax.eval_shape(search.search_weights, llama.abstract_weights(cfg, jnp.bfloat16))
+    call = search.stage_layouts(scfg, 1)[0]
+    cache = (scfg.pool_sequences, scfg.seq_len - 1, scfg.top_k)
+    args = (weights, search.abstract_bank(cfg, 9, jnp.bfloat16), s((2, num_layers), jnp.int32),
+            s((call.padded, 2, num_layers), jnp.int32), s((call.windows, scfg.seq_len), jnp.int32),
+            s(cache, jnp.int32), s(cache, jnp.float32), s((call.windows,), jnp.int32))
+    start = time.perf_counter()
+    lowered = search.candidates_kl.lower(*args, cfg, call.group, None, call.over, scfg.logit_chunk)
+    lowered_at = time.perf_counter()
+    lowered.compile()
+    return {"layers": num_layers, "lower_s": lowered_at - start, "compile_s": time.perf_counter() - lowered_at}
+
+
 def generation_flops(cfg, scfg) -> float:
     n1, n2, n3 = scfg.stage_tokens
     c2, c3 = scfg.stage_candidates
@@ -88,10 +111,17 @@ def main():
     parser.add_argument("--generations", type=int, default=2)
     parser.add_argument("--candidate-batch", type=int, default=8)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compile-only", action="store_true", help="compile time of a fitness call per depth")
     args = parser.parse_args()
     scfg = search.SearchConfig(top_k=8192, pool_sequences=64, seq_len=2048, token_batch=1,
                                candidate_batch=args.candidate_batch)
     layers = [int(n) for n in args.layers.split(",")]
+    if args.compile_only:
+        for n in layers:
+            r = compile_seconds(n, scfg)
+            print(f"{n} layers: lowered in {r['lower_s']:.1f} s, compiled in {r['compile_s']:.1f} s "
+                  f"({jax.devices()[0].device_kind})", flush=True)
+        return
     if len(layers) == 1 and layers != [32]:
         raise SystemExit("--layers: give 32 (measured) or two counts to extrapolate from, e.g. 4,8")
     ceiling = matmul_ceiling()

@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     bank = search.load_bank(store, CFG, 9, jnp.float32)
     pool_tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (16, 16)).astype(np.int32)
     pool = search.FitnessPool(weights, CFG, pool_tokens, SCFG, progress=False)
-    return weights, plan, store, bank, pool
+    return search.search_weights(weights), plan, store, bank, pool, weights
 
 
 def test_mutations_keep_the_unit_budget_exactly():
@@ -81,16 +81,16 @@ def test_the_best_of_an_iteration_is_the_centre_of_the_next(iteration):
 
 
 def test_candidate_logits_equal_the_assembled_model(setup):
-    weights, plan, store, bank, _ = setup
+    weights, plan, store, bank, _, dense = setup
     levels = np.array([[0, 5, 8], [3, 4, 6]], np.int32)
-    small, small_cfg = sn.assemble(weights, CFG, store, list(levels[0]), list(levels[1]))
+    small, small_cfg = sn.assemble(dense, CFG, store, list(levels[0]), list(levels[1]))
     tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 10)).astype(np.int32)
     got = search.candidate_logits(weights, bank, jnp.asarray(levels), tokens, CFG)
     np.testing.assert_allclose(np.asarray(got), np.asarray(llama.forward(small, tokens, small_cfg)), atol=1e-5)
 
 
 def test_topk_kl_matches_numpy_and_vanishes_for_the_dense_model(setup):
-    weights, *_ = setup
+    weights = setup[-1]   # the dense model
     tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 10)).astype(np.int32)
     idx, logp = search.dense_topk(weights, tokens, CFG, 16)
     dense = llama.forward(weights, tokens, CFG)
@@ -107,7 +107,7 @@ def test_topk_kl_matches_numpy_and_vanishes_for_the_dense_model(setup):
 def test_fitness_over_token_chunks_equals_whole_logits(setup, chunk):
     # 3 windows of 10 tokens score 27 positions: chunks of 1, of 4 (6 chunks and 3 left over), one chunk, and
     # the default (larger than the input). The same top-k and KL as from the whole [B, T, V] logits.
-    weights, *_ = setup
+    weights = setup[-1]   # the dense model
     tokens = np.random.default_rng(6).integers(0, CFG.vocab_size, (3, 10)).astype(np.int32)
     dense = llama.forward(weights, tokens, CFG)
     values, want_idx = jax.lax.top_k(dense[:, :-1], 16)
@@ -141,7 +141,7 @@ def test_fitness_holds_a_chunk_of_logits_not_all_of_them():
 
 
 def test_logit_chunk_is_a_setting_that_changes_only_the_summation_order(setup):
-    weights, plan, _, bank, pool = setup
+    weights, plan, _, bank, pool, dense = setup
     assert SCFG.logit_chunk == search.LOGIT_CHUNK == search.SearchConfig().logit_chunk
     with pytest.raises(ValueError, match="logit_chunk must be a positive"):
         dataclasses.replace(SCFG, logit_chunk=0)
@@ -153,7 +153,7 @@ def test_logit_chunk_is_a_setting_that_changes_only_the_summation_order(setup):
     parent_small, fit_small = search.evaluate(weights, bank, CFG, small, pool, parent, kids, rows)
     np.testing.assert_allclose(fit_small, fit, rtol=1e-6)
     assert parent_small == pytest.approx(parent_fit, rel=1e-6)
-    pool_small = search.FitnessPool(weights, CFG, pool.tokens, small, progress=False)
+    pool_small = search.FitnessPool(dense, CFG, pool.tokens, small, progress=False)
     np.testing.assert_array_equal(np.asarray(pool_small.idx), np.asarray(pool.idx))
     np.testing.assert_allclose(np.asarray(pool_small.logp), np.asarray(pool.logp), rtol=1e-6, atol=1e-6)
     # A resumed search may use another chunk size.
@@ -161,7 +161,7 @@ def test_logit_chunk_is_a_setting_that_changes_only_the_summation_order(setup):
 
 
 def test_search_is_deterministic_budget_exact_and_resumes(setup, tmp_path, monkeypatch):
-    weights, plan, _, bank, pool = setup
+    weights, plan, _, bank, pool, _ = setup
     best, hist = search.run_search(weights, CFG, plan, bank, pool, SCFG, tmp_path / "a", progress=False)
     assert len(hist) == 3 and search.unit_counts(plan, *best) == search.unit_counts(plan, *np.full((2, 3), 4))
     again, hist2 = search.run_search(weights, CFG, plan, bank, pool, SCFG, tmp_path / "b", progress=False)
@@ -198,6 +198,31 @@ def test_search_is_deterministic_budget_exact_and_resumes(setup, tmp_path, monke
     assert hist4[:3] == hist and len(hist4) == 4
 
 
+def test_a_search_call_is_one_compiled_layer_whatever_the_depth():
+    # The candidates' forward scans the stacked layers: a model 4× deeper lowers to the same program (the
+    # same matmuls and conditionals), only the scan's trip count and the stacked shapes grow.
+    def program(num_layers):
+        cfg = dataclasses.replace(CFG, num_layers=num_layers)
+        weights = jax.eval_shape(search.search_weights, llama.abstract_weights(cfg, jnp.float32))
+        s = jax.ShapeDtypeStruct
+        args = (weights, search.abstract_bank(cfg, 9, jnp.float32), s((2, num_layers), jnp.int32),
+                s((4, 2, num_layers), jnp.int32), s((2, 16), jnp.int32), s((16, 15, 16), jnp.int32),
+                s((16, 15, 16), jnp.float32), s((2,), jnp.int32))
+        text = search.candidates_kl.lower(*args, cfg, 2).as_text()
+        return {op: text.count(op) for op in ("stablehlo.dot_general", "stablehlo.case", "stablehlo.while")}
+
+    shallow = program(2)
+    assert shallow["stablehlo.dot_general"] > 0 and shallow["stablehlo.case"] > 0
+    assert program(8) == shallow
+
+
+def test_the_search_refuses_unstacked_weights(setup):
+    weights, plan, _, bank, pool, dense = setup
+    parent = np.full((2, 3), 4, np.int32)
+    with pytest.raises(ValueError, match="search_weights"):
+        search.evaluate(dense, bank, CFG, SCFG, pool, parent, parent[None], np.arange(2))
+
+
 def test_first_change_orders_sublayers_attention_before_mlp():
     parent = np.full((2, 3), 4)
     kids = np.stack([parent] * 4)
@@ -219,7 +244,7 @@ def test_offspring_share_the_parents_prefix_and_score_as_if_run_alone(setup, num
     # Many per compiled call, each group from its first changed sublayer on (calls of 6 candidates × 1
     # window, 2 × 3, or one candidate × 2): the same fitness as running every candidate alone from the
     # embedding, whichever parent the prefix is taken from.
-    weights, plan, _, bank, pool = setup
+    weights, plan, _, bank, pool, _ = setup
     parent = np.full((2, 3), 4, np.int32)
     kids = search.mutate(parent, plan, np.random.default_rng(0), 6, 4)[:num]
     assert search.call_layout(SCFG, num, windows, 1).group == {6: {4: 6, 6: 2}, 1: {4: 1}}[num][windows]
@@ -238,7 +263,7 @@ def test_offspring_share_the_parents_prefix_and_score_as_if_run_alone(setup, num
 
 
 def test_fitness_pool_refuses_windows_or_top_k_that_do_not_fit(setup):
-    weights = setup[0]
+    weights = setup[-1]
     with pytest.raises(ValueError, match="search.seq_len = 16"):
         search.FitnessPool(weights, CFG, np.zeros((16, 8), np.int32), SCFG, progress=False)
     with pytest.raises(ValueError, match="exceeds the vocabulary"):

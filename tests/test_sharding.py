@@ -111,7 +111,7 @@ def test_search_generation_on_a_mesh_equals_one_device(single, shape):
     mesh_bank = search.load_bank(store, CFG, SUPERNET.num_levels, jnp.float32, mesh)
     mesh_pool = search.FitnessPool(weights, CFG, pool.tokens, SEARCH, mesh=mesh, progress=False)
     # The copies' rows are split over `model` like the projections; the top-k cache over `data` by window.
-    assert mesh_bank.down_le[0].sharding.spec == P(None, "model", None)
+    assert mesh_bank.down_le.sharding.spec == P(None, None, "model", None)
     assert mesh_pool.idx.sharding.spec == P("data")
     np.testing.assert_array_equal(np.asarray(mesh_pool.idx), np.asarray(pool.idx))
     parent = np.full((2, CFG.num_layers), SUPERNET.num_levels // 2, np.int32)
@@ -119,12 +119,12 @@ def test_search_generation_on_a_mesh_equals_one_device(single, shape):
     # Three stage-like shapes; on 8 / 4 / 2 data devices the candidates are split, split and
     # padded, or the windows split.
     for num, rows in ((8, np.arange(1)), (4, np.arange(3, 7)), (2, np.arange(8))):
-        got = search.evaluate(weights, mesh_bank, CFG, SEARCH, mesh_pool, parent, kids[:num], rows)
-        want = search.evaluate(_weights(), bank, CFG, SEARCH, pool, parent, kids[:num], rows)
+        got = search.evaluate(search.search_weights(weights, mesh), mesh_bank, CFG, SEARCH, mesh_pool, parent, kids[:num], rows)
+        want = search.evaluate(search.search_weights(_weights()), bank, CFG, SEARCH, pool, parent, kids[:num], rows)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
         assert got[0] == pytest.approx(want[0], rel=1e-5)
-    want = search.generation_step(_weights(), bank, CFG, SEARCH, plan, pool, parent, np.random.default_rng(5))
-    got = search.generation_step(weights, mesh_bank, CFG, SEARCH, plan, mesh_pool, parent, np.random.default_rng(5))
+    want = search.generation_step(search.search_weights(_weights()), bank, CFG, SEARCH, plan, pool, parent, np.random.default_rng(5))
+    got = search.generation_step(search.search_weights(weights, mesh), mesh_bank, CFG, SEARCH, plan, mesh_pool, parent, np.random.default_rng(5))
     np.testing.assert_array_equal(got[0], want[0])
     assert got[1] == pytest.approx(want[1], rel=1e-5)
 

@@ -18,6 +18,7 @@ import numpy as np
 from tyr_jax import search
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
+from tyr_jax.sharding import stack_layers
 from tyr_jax.supernet import LevelPlan, SupernetConfig, SupernetStore, assemble, build_supernet, fingerprint
 
 
@@ -62,12 +63,13 @@ def coarse_to_fine(weights: llama.Weights, cfg: ModelConfig, calib: np.ndarray, 
         build_supernet(weights, cfg, calib, scfg_t, plan, store, batch_size=batch_size, progress=progress, mesh=mesh)
         best = np.full((2, cfg.num_layers), num_levels // 2, np.int32)
         if search_cfg is not None:
-            if pool is None:
-                pool = search.FitnessPool(weights, cfg, pool_tokens, search_cfg, mesh=mesh, progress=progress)
-            bank = search.load_bank(store, cfg, num_levels, dtype, mesh)
-            best, hist = search.run_search(weights, cfg, plan, bank, pool, search_cfg,
+            if pool is None:   # the dense model's top-k, scanning a stacked copy of its layers (freed after)
+                pool = search.FitnessPool(stack_layers(weights, mesh), cfg, pool_tokens, search_cfg, mesh=mesh,
+                                          progress=progress)
+            bank, stacked = search.load_bank(store, cfg, num_levels, dtype, mesh), search.search_weights(weights, mesh)
+            best, hist = search.run_search(stacked, cfg, plan, bank, pool, search_cfg,
                                            out / f"iteration_{t}" / "search", iteration=t, progress=progress)
-            del bank
+            del bank, stacked
             history.append([float(h) for h in hist])
             centres = search.removal_fractions(plan, best, cfg)
     pruned, pruned_cfg = assemble(weights, cfg, store, list(best[0]), list(best[1]))

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig, RopeConfig
 from tyr_jax.pruning import SublayerStats
-from tyr_jax.search import SearchConfig, abstract_bank, candidates_kl, pool_topk, stage_layouts
+from tyr_jax.search import SearchConfig, abstract_bank, candidates_kl, pool_topk, search_weights, stage_layouts
 from tyr_jax.sharding import batch_sharding, data_size, logical_sharding, replicated, weight_shardings
 from tyr_jax.supernet import (SupernetConfig, attn_stats_step, level_removals, mlp_stats_step, prune_step,
                               split_hparams, stats_shardings)
@@ -84,7 +84,8 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
     on a batch of `calib_batch` windows (`stats_call`, the larger of attention and MLP). Search: the weights, the bank of `num_levels`
     dense-shaped copies of every sublayer and the fitness pool's dense top-k (split over `data`); with
     `compile_steps`, the largest of a generation's three `candidates_kl` call layouts (`search_call`,
-    temporaries only). `supernet` and `search` sum what one device holds at the peak of each phase."""
+    temporaries only); the search scans a stacked copy of the layers without o_proj and down_proj
+    (`search_blocks`, `search.search_weights`), held beside the weights while it runs. `supernet` and `search` sum what one device holds at the peak of each phase."""
     weights = llama.abstract_weights(cfg, dtype)
     w_sh = weight_shardings(weights, mesh)
     plan: dict[str, dict[str, int | None]] = {}
@@ -98,6 +99,9 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
     attn_in = cfg.num_kv_heads * cfg.q_per_kv * cfg.head_dim
     for name, d_in in (("hessian_attn", attn_in), ("hessian_mlp", cfg.intermediate_size)):
         add(name, jax.eval_shape(functools.partial(SublayerStats.zeros, d_in)), stats_shardings(mesh, d_in))
+    stacked = jax.eval_shape(search_weights, weights)
+    stacked_sh = weight_shardings(stacked, mesh)
+    add("search_blocks", stacked.blocks, stacked_sh.blocks)
     bank = abstract_bank(cfg, num_levels, dtype)
     bank_sh = weight_shardings(bank, mesh)
     add("bank", bank, bank_sh)
@@ -132,7 +136,7 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
         for call in stage_layouts(search, data_size(mesh)):
             cand = batch_sharding(mesh, 3) if call.over == "candidates" else replicated(mesh)
             tok = batch_sharding(mesh) if call.over == "tokens" else replicated(mesh)
-            args = (_placed(weights, w_sh), _placed(bank, bank_sh),
+            args = (_placed(stacked, stacked_sh), _placed(bank, bank_sh),
                     jax.ShapeDtypeStruct(levels, jnp.int32, sharding=replicated(mesh)),
                     jax.ShapeDtypeStruct((call.padded, *levels), jnp.int32, sharding=cand),
                     jax.ShapeDtypeStruct((call.windows, search.seq_len), jnp.int32, sharding=tok),
@@ -147,5 +151,5 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
     # Statistics steps and the pruner run one after the other: the larger of the two is live.
     step = max((sublayer, "stats_call"), key=lambda n: plan.get(n, {"device": 0})["device"])
     plan["supernet"] = {"device": peak("weights", "calibration_activations", step), "total": None}
-    plan["search"] = {"device": peak("weights", "bank", "topk_cache", "search_call"), "total": None}
+    plan["search"] = {"device": peak("weights", "search_blocks", "bank", "topk_cache", "search_call"), "total": None}
     return plan

@@ -10,7 +10,9 @@ selection, each stage on a fresh random minibatch of the fitness pool:
 Fitness: KL(dense ‖ candidate) over the dense model's top-k next-token logits (log-softmax over those k
 for both; mean over tokens; the last position of a window is not scored). The dense top-k of the pool
 is computed once. Candidates are evaluated many per compiled call: each sublayer gathers its copy from
-stacked levels (`LevelBank`) by the candidate's level index. An offspring differs from its parent in a
+stacked levels (`LevelBank`, [L, E, ...]) by the candidate's level index, and the layers are a
+`lax.scan` over the stacked dense layers (`search_weights`) and the bank, so the compiled program is
+one layer whatever the depth. An offspring differs from its parent in a
 few sublayers, so it is run only from its first changed sublayer on, starting from the parent's
 residual stream there (`candidates_kl`); on Llama-3.1-8B shapes a generation took 0.76 of the time of
 running every candidate in full (BENCHMARKS.md, search speed). The lm_head runs over chunks of
@@ -37,7 +39,7 @@ from tqdm.auto import tqdm
 from tyr_jax.distributed import claim_directory
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
-from tyr_jax.sharding import batch_sharding, data_size, replicated, to_host, weight_shardings
+from tyr_jax.sharding import batch_sharding, data_size, replicated, stack_layers, to_host, weight_shardings
 from tyr_jax.supernet import LevelPlan, SupernetStore, expand_level, tokens_sha256
 
 
@@ -90,76 +92,106 @@ def _bank_axes(*names):
                    meta_fields=[])
 @dataclasses.dataclass
 class LevelBank:
-    """Every copy of every sublayer at full (dense) shape, removed rows zero: one array per layer,
-    [E, ...], with logical axes for `sharding.weight_shardings` (rows split over `model` like the
-    projection they replace)."""
+    """Every copy of every sublayer at full (dense) shape, removed rows zero, stacked [L, E, ...] (layer,
+    copy), with logical axes for `sharding.weight_shardings` (rows split over `model` like the projection
+    they replace; layers and copies whole)."""
 
-    o_le: list[jax.Array] = _bank_axes(None, "kv", "embed")          # [E, K·G·H, D]
-    attn_keep_le: list[jax.Array] = _bank_axes(None, "kv")           # [E, K]
-    attn_bias_le: list[jax.Array] = _bank_axes(None, "embed")        # [E, D] (zeros unless the pruner adds one)
-    down_le: list[jax.Array] = _bank_axes(None, "mlp", "embed")      # [E, F, D]
-    mlp_keep_le: list[jax.Array] = _bank_axes(None, "mlp")           # [E, F]
-    mlp_bias_le: list[jax.Array] = _bank_axes(None, "embed")         # [E, D]
+    o_le: jax.Array = _bank_axes("kv", "embed")          # [L, E, K·G·H, D]
+    attn_keep_le: jax.Array = _bank_axes("kv")           # [L, E, K]
+    attn_bias_le: jax.Array = _bank_axes("embed")        # [L, E, D] (zeros unless the pruner adds one)
+    down_le: jax.Array = _bank_axes("mlp", "embed")      # [L, E, F, D]
+    mlp_keep_le: jax.Array = _bank_axes("mlp")           # [L, E, F]
+    mlp_bias_le: jax.Array = _bank_axes("embed")         # [L, E, D]
 
 
 def abstract_bank(cfg: ModelConfig, num_levels: int, dtype) -> LevelBank:
     """`jax.ShapeDtypeStruct`s of the bank of a dense `cfg` (for `jax.eval_shape` and memory plans)."""
-    e, d, f = num_levels, cfg.hidden_size, cfg.intermediate_size
+    le, d, f = (cfg.num_layers, num_levels), cfg.hidden_size, cfg.intermediate_size
     k, kgh = cfg.num_kv_heads, cfg.num_kv_heads * cfg.q_per_kv * cfg.head_dim
-    s = lambda *shape, t=dtype: [jax.ShapeDtypeStruct(shape, t)] * cfg.num_layers  # noqa: E731
-    return LevelBank(s(e, kgh, d), s(e, k, t=jnp.float32), s(e, d), s(e, f, d), s(e, f, t=jnp.float32), s(e, d))
+    s = lambda *shape, t=dtype: jax.ShapeDtypeStruct(le + shape, t)  # noqa: E731
+    return LevelBank(s(kgh, d), s(k, t=jnp.float32), s(d), s(f, d), s(f, t=jnp.float32), s(d))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(bank: LevelBank, layer: LevelBank, i):
+    return jax.tree.map(lambda b, x: b.at[i].set(x), bank, layer)
 
 
 def load_bank(store: SupernetStore, cfg: ModelConfig, num_levels: int, dtype, mesh=None) -> LevelBank:
-    """The stored copies, expanded to dense shape one layer at a time and placed on `mesh` by the table."""
+    """The stored copies, expanded to dense shape one layer at a time into the stacked bank (placed on
+    `mesh` by the table; the bank is written in place, one layer's copies on the host at a time)."""
     g_h, d = cfg.q_per_kv * cfg.head_dim, cfg.hidden_size
-    shardings = None if mesh is None else weight_shardings(abstract_bank(cfg, num_levels, dtype), mesh)
-    layers = {f.name: [] for f in dataclasses.fields(LevelBank)}
+    shapes = abstract_bank(cfg, num_levels, dtype)
+    shardings = None if mesh is None else weight_shardings(shapes, mesh)
+    bank = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes), out_shardings=shardings)()
     for i in range(cfg.num_layers):
         blk = store.load_block(i)
         levels = [(blk["attn"][f"level_{e}"], blk["mlp"][f"level_{e}"]) for e in range(num_levels)]
-        host = {"o_le": ([expand_level(a, g_h, d, np.float32) for a, _ in levels], dtype),
-                "attn_keep_le": ([a["keep"] for a, _ in levels], jnp.float32),
-                "attn_bias_le": ([a.get("bias", np.zeros(d, np.float32)) for a, _ in levels], dtype),
-                "down_le": ([expand_level(m, 1, d, np.float32) for _, m in levels], dtype),
-                "mlp_keep_le": ([m["keep"] for _, m in levels], jnp.float32),
-                "mlp_bias_le": ([m.get("bias", np.zeros(d, np.float32)) for _, m in levels], dtype)}
-        for name, (value, t) in host.items():
-            value = np.asarray(value).astype(t)
-            layers[name].append(jnp.asarray(value) if mesh is None
-                                else jax.device_put(value, getattr(shardings, name)[i]))
-    return LevelBank(**layers)
+        layer = {"o_le": [expand_level(a, g_h, d, np.float32) for a, _ in levels],
+                 "attn_keep_le": [a["keep"] for a, _ in levels],
+                 "attn_bias_le": [a.get("bias", np.zeros(d, np.float32)) for a, _ in levels],
+                 "down_le": [expand_level(m, 1, d, np.float32) for _, m in levels],
+                 "mlp_keep_le": [m["keep"] for _, m in levels],
+                 "mlp_bias_le": [m.get("bias", np.zeros(d, np.float32)) for _, m in levels]}
+        layer = LevelBank(**{name: np.asarray(v).astype(getattr(shapes, name).dtype) for name, v in layer.items()})
+        bank = _set_layer(bank, layer, jnp.int32(i))
+    return bank
 
 
-def _sublayer(weights: llama.Weights, bank: LevelBank, cfg: ModelConfig, rope, s: int, x, level):
-    """x plus sublayer `s` (2·layer + 0 for attention, + 1 for the MLP) built from its copy `level`."""
-    blk = weights.blocks[s // 2]
-    # The index depends on x (+0), so the copy is gathered when the sublayer runs; else XLA may gather
-    # every layer's copy up front and hold L of them at once (an optimization barrier does not stop
-    # that on CPU).
-    e = level + (0 * x[0, 0, 0]).astype(jnp.int32)
-    if s % 2 == 0:
+def search_weights(weights: llama.Weights, mesh=None) -> llama.Weights:
+    """The dense weights as the search reads them: layers stacked for its scan, without o_proj and
+    down_proj (every candidate takes those from the bank). A copy of about 2/3 of the blocks (placed on
+    `mesh` by the table), held beside the weights while a search runs."""
+    if isinstance(weights.blocks, llama.Block):
+        weights = dataclasses.replace(weights, blocks=llama.unstack_blocks(weights.blocks))
+    trim = lambda b: dataclasses.replace(b, attn=dataclasses.replace(b.attn, o_kghd=None),  # noqa: E731
+                                         mlp=dataclasses.replace(b.mlp, down_fd=None))
+    return stack_layers(dataclasses.replace(weights, blocks=[trim(b) for b in weights.blocks]), mesh)
+
+
+def _stacked(weights: llama.Weights) -> llama.Block:
+    if not isinstance(weights.blocks, llama.Block):
+        raise ValueError("the search scans stacked layers: pass search.search_weights(weights)")
+    return weights.blocks
+
+
+def _sublayer(blk: llama.Block, bank: LevelBank, cfg: ModelConfig, rope, layer, kind: int, x, level):
+    """x plus layer `layer`'s attention (kind 0) or MLP (kind 1), built from its copy `level`; `blk` is
+    that layer's dense block (the bank replaces its o_proj / down_proj and adds the keep mask)."""
+    if kind == 0:
         k, g, h, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.hidden_size
-        bias = bank.attn_bias_le[s // 2][e] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
-        attn = dataclasses.replace(blk.attn, o_kghd=bank.o_le[s // 2][e].reshape(k, g, h, d), o_bias_d=bias)
-        return x + llama.attention(attn, x, cfg, rope, kv_mask_k=bank.attn_keep_le[s // 2][e])
-    bias = bank.mlp_bias_le[s // 2][e] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
-    mlp_w = dataclasses.replace(blk.mlp, down_fd=bank.down_le[s // 2][e], down_bias_d=bias)
-    return x + llama.mlp(mlp_w, x, cfg, mask_f=bank.mlp_keep_le[s // 2][e])
+        bias = bank.attn_bias_le[layer, level] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
+        attn = dataclasses.replace(blk.attn, o_kghd=bank.o_le[layer, level].reshape(k, g, h, d), o_bias_d=bias)
+        return x + llama.attention(attn, x, cfg, rope, kv_mask_k=bank.attn_keep_le[layer, level])
+    bias = bank.mlp_bias_le[layer, level] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
+    mlp_w = dataclasses.replace(blk.mlp, down_fd=bank.down_le[layer, level], down_bias_d=bias)
+    return x + llama.mlp(mlp_w, x, cfg, mask_f=bank.mlp_keep_le[layer, level])
 
 
-def _level(levels_2l, s: int):
-    """The copy index of sublayer s in a [2, L] level choice (row 0 attention, row 1 MLP)."""
-    return levels_2l[s % 2, s // 2]
+def _scan_layers(weights: llama.Weights, levels_2l, layer_fn, carry):
+    """`carry` through the layers with `lax.scan`: layer_fn(carry, layer index, its dense block, its
+    levels [2]) for each layer in turn. One compiled layer, whatever the depth."""
+    blocks = _stacked(weights)
+    num_layers = levels_2l.shape[-1]
+
+    def step(carry, xs):
+        return layer_fn(carry, *xs), None
+
+    carry, _ = jax.lax.scan(step, carry, (jnp.arange(num_layers), blocks, levels_2l.T))
+    return carry
 
 
 def candidate_logits(weights: llama.Weights, bank: LevelBank, levels_2l, tokens_bt, cfg: ModelConfig):
-    """Logits of the model that uses copy levels_2l[0, l] / levels_2l[1, l] of attention / MLP l."""
+    """Logits of the model that uses copy levels_2l[0, l] / levels_2l[1, l] of attention / MLP l
+    (`weights` with stacked layers)."""
     rope = llama.rope_tables(cfg, llama.default_positions(tokens_bt))
-    x = llama.embed(weights, tokens_bt)
-    for s in range(2 * cfg.num_layers):
-        x = _sublayer(weights, bank, cfg, rope, s, x, _level(levels_2l, s))
-    return llama.unembed(weights, x, cfg)
+
+    def layer(x, l, blk, levels):
+        for kind in (0, 1):
+            x = _sublayer(blk, bank, cfg, rope, l, kind, x, levels[kind])
+        return x
+
+    return llama.unembed(weights, _scan_layers(weights, levels_2l, layer, llama.embed(weights, tokens_bt)), cfg)
 
 
 def first_change(levels_c2l, parent_2l):
@@ -264,20 +296,32 @@ def candidates_kl(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_ntk, logp
         rope = llama.rope_tables(cfg, llama.default_positions(tokens))
         groups = levels.reshape(-1, group, *levels.shape[1:])
         starts = first_change(levels, parent).reshape(len(groups), group).min(axis=1)
+
+        def keep_entry(entry, s, x):
+            """The parent's stream where each group starts: x, for the groups that start at sublayer s."""
+            return jnp.where((starts == s)[:, None, None, None], x, entry)
+
+        def parent_layer(carry, l, blk, levels_2):
+            x, entry = carry
+            for kind in (0, 1):
+                x = _sublayer(blk, bank, cfg, rope, l, kind, x, levels_2[kind])
+                entry = keep_entry(entry, 2 * l + kind + 1, x)
+            return x, entry
+
         x = llama.embed(weights, tokens)
-        entry = jnp.zeros((len(groups), *x.shape), x.dtype)      # the parent's stream where each group starts
-        for s in range(num_sublayers + 1):
-            entry = jnp.where((starts == s)[:, None, None, None], x, entry)
-            if s < num_sublayers:
-                x = _sublayer(weights, bank, cfg, rope, s, x, _level(parent, s))
+        entry = keep_entry(jnp.zeros((len(groups), *x.shape), x.dtype), 0, x)
+        x, entry = _scan_layers(weights, parent, parent_layer, (x, entry))
         parent_kl = stream_topk_kl(weights, x, idx, logp, cfg, chunk=chunk)
 
         def candidate_kl(levels_2l, start, x):
             """One candidate's KL, run from the parent's stream x at sublayer `start` on."""
-            for s in range(num_sublayers):
-                run = functools.partial(_sublayer, weights, bank, cfg, rope, s, level=_level(levels_2l, s))
-                x = jax.lax.cond(s >= start, run, lambda y: y, x)
-            return stream_topk_kl(weights, x, idx, logp, cfg, chunk=chunk)
+            def layer(x, l, blk, levels_2):
+                for kind in (0, 1):
+                    run = functools.partial(_sublayer, blk, bank, cfg, rope, l, kind, level=levels_2[kind])
+                    x = jax.lax.cond(2 * l + kind >= start, run, lambda y: y, x)
+                return x
+
+            return stream_topk_kl(weights, _scan_layers(weights, levels_2l, layer, x), idx, logp, cfg, chunk=chunk)
 
         def group_kl(args):
             group_levels, start, x = args

@@ -32,6 +32,15 @@ def _cached_attention(q, k_cache, v_cache, positions_bt, cfg: ModelConfig):
     return jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_cache.dtype), v_cache)
 
 
+def _output_projection(attn: llama.Attention, ctx_btkgh):
+    """o_proj as one [B·T, K·G·H] × [K·G·H, D] matmul. As the einsum btkgh,kghd->btd (`llama.attention`),
+    XLA on GPU kept the 1-token context in the order attention left it and transposed the whole weight to
+    match, every layer and token (12% of a decoding step, BENCHMARKS.md)."""
+    b, t = ctx_btkgh.shape[:2]
+    out = ctx_btkgh.reshape(b, t, -1) @ attn.o_kghd.reshape(-1, attn.o_kghd.shape[-1])
+    return out if attn.o_bias_d is None else out + attn.o_bias_d
+
+
 def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool):
     """Runs tokens at positions start..start+T-1 against the cache; returns (last logits [B, V], cache).
 
@@ -49,7 +58,7 @@ def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool):
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
             ctx = llama.attend(q, k, v, cfg) if prompt else _cached_attention(q, k_cache, v_cache, positions, cfg)
-            x = x + llama.output_projection(a, ctx)
+            x = x + _output_projection(a, ctx)
         elif a.o_bias_d is not None:
             x = x + a.o_bias_d
         x = x + llama.mlp(blk.mlp, x, cfg)

@@ -189,15 +189,7 @@ def attention(attn: Attention, x_btd: Array, cfg: ModelConfig, rope, *, kv_mask_
     ctx = attention_context(attn, x_btd, cfg, rope, implementation=implementation)
     if kv_mask_k is not None:
         ctx = ctx * kv_mask_k[:, None, None].astype(ctx.dtype)
-    return output_projection(attn, ctx)
-
-
-def output_projection(attn: Attention, ctx_btkgh: Array) -> Float[Array, "B T D"]:
-    """o_proj as one [B·T, K·G·H] × [K·G·H, D] matmul. Written as the einsum btkgh,kghd->btd, XLA on GPU
-    may lay out the small context in the order attention left it and transpose the whole weight to
-    match, every call (a profile of decoding found that transpose at 12% of each step)."""
-    b, t = ctx_btkgh.shape[:2]
-    out = ctx_btkgh.reshape(b, t, -1) @ attn.o_kghd.reshape(-1, attn.o_kghd.shape[-1])
+    out = jnp.einsum("btkgh,kghd->btd", ctx, attn.o_kghd)
     return out if attn.o_bias_d is None else out + attn.o_bias_d
 
 

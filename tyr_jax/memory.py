@@ -132,11 +132,16 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
             temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
         plan["stats_call"] = {"device": max(temps), "total": None}
         levels = (2, cfg.num_layers)
+        # The search call is compiled in fp32: in bf16, XLA on CPU converts every stacked operand (the
+        # layers and the bank it scans) to fp32 once ahead of the layer loop, which no GPU does; fp32
+        # throughout bounds the bf16 program's temporaries from above and does not grow with depth.
+        stacked32 = jax.eval_shape(search_weights, llama.abstract_weights(cfg, jnp.float32))
+        bank32 = abstract_bank(cfg, num_levels, jnp.float32)
         temps = []
         for call in stage_layouts(search, data_size(mesh)):
             cand = batch_sharding(mesh, 3) if call.over == "candidates" else replicated(mesh)
             tok = batch_sharding(mesh) if call.over == "tokens" else replicated(mesh)
-            args = (_placed(stacked, stacked_sh), _placed(bank, bank_sh),
+            args = (_placed(stacked32, stacked_sh), _placed(bank32, bank_sh),
                     jax.ShapeDtypeStruct(levels, jnp.int32, sharding=replicated(mesh)),
                     jax.ShapeDtypeStruct((call.padded, *levels), jnp.int32, sharding=cand),
                     jax.ShapeDtypeStruct((call.windows, search.seq_len), jnp.int32, sharding=tok),

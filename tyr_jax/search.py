@@ -155,29 +155,29 @@ def _stacked(weights: llama.Weights) -> llama.Block:
     return weights.blocks
 
 
-def _sublayer(blk: llama.Block, bank: LevelBank, cfg: ModelConfig, rope, layer, kind: int, x, level):
-    """x plus layer `layer`'s attention (kind 0) or MLP (kind 1), built from its copy `level`; `blk` is
-    that layer's dense block (the bank replaces its o_proj / down_proj and adds the keep mask)."""
+def _sublayer(blk: llama.Block, copies: LevelBank, cfg: ModelConfig, rope, kind: int, x, level):
+    """x plus a layer's attention (kind 0) or MLP (kind 1), built from its copy `level`: `blk` is that
+    layer's dense block, `copies` its slice of the bank [E, ...] (o_proj / down_proj and the keep mask)."""
     if kind == 0:
         k, g, h, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.hidden_size
-        bias = bank.attn_bias_le[layer, level] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
-        attn = dataclasses.replace(blk.attn, o_kghd=bank.o_le[layer, level].reshape(k, g, h, d), o_bias_d=bias)
-        return x + llama.attention(attn, x, cfg, rope, kv_mask_k=bank.attn_keep_le[layer, level])
-    bias = bank.mlp_bias_le[layer, level] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
-    mlp_w = dataclasses.replace(blk.mlp, down_fd=bank.down_le[layer, level], down_bias_d=bias)
-    return x + llama.mlp(mlp_w, x, cfg, mask_f=bank.mlp_keep_le[layer, level])
+        bias = copies.attn_bias_le[level] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
+        attn = dataclasses.replace(blk.attn, o_kghd=copies.o_le[level].reshape(k, g, h, d), o_bias_d=bias)
+        return x + llama.attention(attn, x, cfg, rope, kv_mask_k=copies.attn_keep_le[level])
+    bias = copies.mlp_bias_le[level] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
+    mlp_w = dataclasses.replace(blk.mlp, down_fd=copies.down_le[level], down_bias_d=bias)
+    return x + llama.mlp(mlp_w, x, cfg, mask_f=copies.mlp_keep_le[level])
 
 
-def _scan_layers(weights: llama.Weights, levels_2l, layer_fn, carry):
+def _scan_layers(weights: llama.Weights, bank: LevelBank, levels_2l, layer_fn, carry):
     """`carry` through the layers with `lax.scan`: layer_fn(carry, layer index, its dense block, its
-    levels [2]) for each layer in turn. One compiled layer, whatever the depth."""
-    blocks = _stacked(weights)
+    copies [E, ...], its levels [2]) for each layer in turn. One compiled layer, whatever the depth; the
+    bank is scanned too (not indexed from the whole), so a layer's copies are what the body reads."""
     num_layers = levels_2l.shape[-1]
 
     def step(carry, xs):
         return layer_fn(carry, *xs), None
 
-    carry, _ = jax.lax.scan(step, carry, (jnp.arange(num_layers), blocks, levels_2l.T))
+    carry, _ = jax.lax.scan(step, carry, (jnp.arange(num_layers), _stacked(weights), bank, levels_2l.T))
     return carry
 
 
@@ -186,12 +186,12 @@ def candidate_logits(weights: llama.Weights, bank: LevelBank, levels_2l, tokens_
     (`weights` with stacked layers)."""
     rope = llama.rope_tables(cfg, llama.default_positions(tokens_bt))
 
-    def layer(x, l, blk, levels):
+    def layer(x, l, blk, copies, levels):
         for kind in (0, 1):
-            x = _sublayer(blk, bank, cfg, rope, l, kind, x, levels[kind])
+            x = _sublayer(blk, copies, cfg, rope, kind, x, levels[kind])
         return x
 
-    return llama.unembed(weights, _scan_layers(weights, levels_2l, layer, llama.embed(weights, tokens_bt)), cfg)
+    return llama.unembed(weights, _scan_layers(weights, bank, levels_2l, layer, llama.embed(weights, tokens_bt)), cfg)
 
 
 def first_change(levels_c2l, parent_2l):
@@ -301,27 +301,28 @@ def candidates_kl(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_ntk, logp
             """The parent's stream where each group starts: x, for the groups that start at sublayer s."""
             return jnp.where((starts == s)[:, None, None, None], x, entry)
 
-        def parent_layer(carry, l, blk, levels_2):
+        def parent_layer(carry, l, blk, copies, levels_2):
             x, entry = carry
             for kind in (0, 1):
-                x = _sublayer(blk, bank, cfg, rope, l, kind, x, levels_2[kind])
+                x = _sublayer(blk, copies, cfg, rope, kind, x, levels_2[kind])
                 entry = keep_entry(entry, 2 * l + kind + 1, x)
             return x, entry
 
         x = llama.embed(weights, tokens)
         entry = keep_entry(jnp.zeros((len(groups), *x.shape), x.dtype), 0, x)
-        x, entry = _scan_layers(weights, parent, parent_layer, (x, entry))
+        x, entry = _scan_layers(weights, bank, parent, parent_layer, (x, entry))
         parent_kl = stream_topk_kl(weights, x, idx, logp, cfg, chunk=chunk)
 
         def candidate_kl(levels_2l, start, x):
             """One candidate's KL, run from the parent's stream x at sublayer `start` on."""
-            def layer(x, l, blk, levels_2):
+            def layer(x, l, blk, copies, levels_2):
                 for kind in (0, 1):
-                    run = functools.partial(_sublayer, blk, bank, cfg, rope, l, kind, level=levels_2[kind])
+                    run = functools.partial(_sublayer, blk, copies, cfg, rope, kind, level=levels_2[kind])
                     x = jax.lax.cond(2 * l + kind >= start, run, lambda y: y, x)
                 return x
 
-            return stream_topk_kl(weights, _scan_layers(weights, levels_2l, layer, x), idx, logp, cfg, chunk=chunk)
+            return stream_topk_kl(weights, _scan_layers(weights, bank, levels_2l, layer, x), idx, logp, cfg,
+                                  chunk=chunk)
 
         def group_kl(args):
             group_levels, start, x = args

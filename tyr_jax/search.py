@@ -290,7 +290,6 @@ def candidates_kl(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_ntk, logp
     at a time (`stream_topk_kl`): a group holds group × chunk × vocab fp32 logits, not group × B·T × vocab.
     """
     idx_btk, logp_btk = jnp.take(idx_ntk, rows_b, axis=0), jnp.take(logp_ntk, rows_b, axis=0)
-    num_sublayers = 2 * cfg.num_layers
 
     def local(weights, bank, parent, levels, tokens, idx, logp):
         rope = llama.rope_tables(cfg, llama.default_positions(tokens))

@@ -33,10 +33,11 @@ def main():
     search = load_run_config(args.config).search
     plan = memory_plan(LLAMA31_70B, make_mesh(data, model), search=search, compile_steps=not args.no_compile)
     print(f"Llama-3.1-70B, bf16, mesh data={data} × model={model}, devices of {args.device_gb:g} GB")
-    print(f"{'':>24} {'per device GB':>14} {'whole GB':>10}")
+    print(f"{'':>24} {'per device GB':>14} {'whole GB':>10} {'compile s':>10}")
     for name, v in plan.items():
-        total = "" if v["total"] is None else f"{v['total'] / 1e9:10.1f}"
-        print(f"{name:>24} {v['device'] / 1e9:14.2f} {total}")
+        total = "" if v["total"] is None else f"{v['total'] / 1e9:.1f}"
+        compile_s = f"{v['compile_s']:.1f}" if "compile_s" in v else ""
+        print(f"{name:>24} {v['device'] / 1e9:14.2f} {total:>10} {compile_s:>10}")
     for phase in ("supernet", "search"):
         print(f"{phase}: {plan[phase]['device'] / 1e9:.1f} of {args.device_gb:g} GB per device "
               f"({'fits' if plan[phase]['device'] <= args.device_gb * 1e9 else 'does NOT fit'})")

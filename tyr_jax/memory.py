@@ -10,6 +10,7 @@ bf16 matmul operands are converted to fp32 there).
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,9 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
     dense-shaped copies of every sublayer and the fitness pool's dense top-k (split over `data`); with
     `compile_steps`, the largest of a generation's three `candidates_kl` call layouts (`search_call`,
     temporaries only); the search scans a stacked copy of the layers without o_proj and down_proj
-    (`search_blocks`, `search.search_weights`), held beside the weights while it runs. `supernet` and `search` sum what one device holds at the peak of each phase."""
+    (`search_blocks`, `search.search_weights`), held beside the weights while it runs. `supernet` and
+    `search` sum what one device holds at the peak of each phase. Compiled items also carry `compile_s`,
+    the seconds their compiles took (the search call: all of a generation's layouts)."""
     weights = llama.abstract_weights(cfg, dtype)
     w_sh = weight_shardings(weights, mesh)
     plan: dict[str, dict[str, int | None]] = {}
@@ -114,30 +117,33 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
     if compile_steps:
         mlp_levels = level_removals(cfg.intermediate_size, 0.5, 0.125, num_levels, 32)
         attn_levels = level_removals(cfg.num_kv_heads, 0.5, 0.125, num_levels, 1)
+        start = time.perf_counter()
         plan["pruner_mlp"] = {"device": pruner_bytes(mesh, cfg.intermediate_size, cfg.hidden_size, 1, mlp_levels,
-                                                     16, dtype), "total": None}
+                                                     16, dtype), "total": None, "compile_s": time.perf_counter() - start}
+        start = time.perf_counter()
         plan["pruner_attn"] = {"device": pruner_bytes(mesh, attn_in, cfg.hidden_size, cfg.q_per_kv * cfg.head_dim,
-                                                      attn_levels, 1, dtype), "total": None}
+                                                      attn_levels, 1, dtype), "total": None,
+                               "compile_s": time.perf_counter() - start}
         sublayer = max(("pruner_attn", "pruner_mlp"), key=lambda n: plan[n]["device"])
         x = jax.ShapeDtypeStruct((1, calib_batch, calib_seq_len, cfg.hidden_size), dtype,
                                  sharding=NamedSharding(mesh, P(None, "data", None, None)))
         positions = jax.ShapeDtypeStruct((calib_batch, calib_seq_len), jnp.int32)
         rope = _placed(jax.eval_shape(functools.partial(llama.rope_tables, cfg), positions), (batch_sharding(mesh, 3),) * 2)
         blk = _placed(weights.blocks[0], w_sh.blocks[0])
-        temps = []
+        temps, start = [], time.perf_counter()
         for step, sub, d_in, extra in ((attn_stats_step, blk.attn, attn_in, (rope,)),
                                        (mlp_stats_step, blk.mlp, cfg.intermediate_size, ())):
             stats = _placed(_variant_stats(d_in), stats_shardings(mesh, d_in, 1))
             lowered = step.lower(sub, x, stats, *extra, cfg, stats_shardings(mesh, d_in, 1))
             temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
-        plan["stats_call"] = {"device": max(temps), "total": None}
+        plan["stats_call"] = {"device": max(temps), "total": None, "compile_s": time.perf_counter() - start}
         levels = (2, cfg.num_layers)
         # The search call is compiled in fp32: in bf16, XLA on CPU converts every stacked operand (the
         # layers and the bank it scans) to fp32 once ahead of the layer loop, which no GPU does; fp32
         # throughout bounds the bf16 program's temporaries from above and does not grow with depth.
         stacked32 = jax.eval_shape(search_weights, llama.abstract_weights(cfg, jnp.float32))
         bank32 = abstract_bank(cfg, num_levels, jnp.float32)
-        temps = []
+        temps, start = [], time.perf_counter()
         for call in stage_layouts(search, data_size(mesh)):
             cand = batch_sharding(mesh, 3) if call.over == "candidates" else replicated(mesh)
             tok = batch_sharding(mesh) if call.over == "tokens" else replicated(mesh)
@@ -148,7 +154,7 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
                     *_placed(cache, cache_sh), jax.ShapeDtypeStruct((call.windows,), jnp.int32, sharding=replicated(mesh)))
             lowered = candidates_kl.lower(*args, cfg, call.group, mesh, call.over, search.logit_chunk)
             temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
-        plan["search_call"] = {"device": max(temps), "total": None}
+        plan["search_call"] = {"device": max(temps), "total": None, "compile_s": time.perf_counter() - start}
 
     def peak(*names):
         return sum(plan[n]["device"] for n in names if n in plan)

@@ -141,12 +141,13 @@ def load_bank(store: SupernetStore, cfg: ModelConfig, num_levels: int, dtype, me
 def search_weights(weights: llama.Weights, mesh=None) -> llama.Weights:
     """The dense weights as the search reads them: layers stacked for its scan, without o_proj and
     down_proj (every candidate takes those from the bank). A copy of about 2/3 of the blocks (placed on
-    `mesh` by the table), held beside the weights while a search runs."""
-    if isinstance(weights.blocks, llama.Block):
-        weights = dataclasses.replace(weights, blocks=llama.unstack_blocks(weights.blocks))
+    `mesh` by the table), held beside the weights while a search runs; already stacked blocks are trimmed
+    in place of a copy."""
     trim = lambda b: dataclasses.replace(b, attn=dataclasses.replace(b.attn, o_kghd=None),  # noqa: E731
                                          mlp=dataclasses.replace(b.mlp, down_fd=None))
-    return stack_layers(dataclasses.replace(weights, blocks=[trim(b) for b in weights.blocks]), mesh)
+    blocks = weights.blocks
+    blocks = trim(blocks) if isinstance(blocks, llama.Block) else [trim(b) for b in blocks]
+    return stack_layers(dataclasses.replace(weights, blocks=blocks), mesh)
 
 
 def _stacked(weights: llama.Weights) -> llama.Block:

@@ -442,22 +442,25 @@ def propagate_attention(blk: llama.Block, levels_v: Sequence[dict], removals, xs
                         expectation_v: Sequence[bool]):
     """Hands on X + attn(X) of every variant v (activations [V, B, T, D]) with the expectation over its
     stored copies `levels_v[v]` (Eq. 5), or dense where `expectation_v[v]` is False."""
-    d = cfg.hidden_size
-    w_v, b_v = zip(*(_propagation_weights(levels, blk.attn.o_kghd.reshape(-1, d), blk.attn.o_bias_d, removals,
-                                          cfg.num_kv_heads, cfg.q_per_kv * cfg.head_dim, expectation)
-                     for levels, expectation in zip(levels_v, expectation_v, strict=True)))
-    w_vio, b_vd = jnp.stack(w_v), jnp.stack(b_v)
+    w_vio, b_vd = _variant_propagation_weights(levels_v, blk.attn.o_kghd.reshape(-1, cfg.hidden_size),
+                                               blk.attn.o_bias_d, removals, cfg.num_kv_heads,
+                                               cfg.q_per_kv * cfg.head_dim, expectation_v)
     return [_attn_apply(blk.attn, x, w_vio, b_vd, rope, cfg) for x in xs]
 
 
 def propagate_mlp(blk: llama.Block, levels_v: Sequence[dict], removals, xs, cfg: ModelConfig,
                   expectation_v: Sequence[bool]):
     """Hands on X + mlp(X) of every variant v with the expectation over its stored copies (Eq. 5), or dense."""
-    w_v, b_v = zip(*(_propagation_weights(levels, blk.mlp.down_fd, blk.mlp.down_bias_d, removals,
-                                          cfg.intermediate_size, 1, expectation)
-                     for levels, expectation in zip(levels_v, expectation_v, strict=True)))
-    w_vio, b_vd = jnp.stack(w_v), jnp.stack(b_v)
+    w_vio, b_vd = _variant_propagation_weights(levels_v, blk.mlp.down_fd, blk.mlp.down_bias_d, removals,
+                                               cfg.intermediate_size, 1, expectation_v)
     return [_mlp_apply(blk.mlp, x, w_vio, b_vd, cfg) for x in xs]
+
+
+def _variant_propagation_weights(levels_v, w_dense, bias_dense, removals, num_units, unit_size, expectation_v):
+    """`_propagation_weights` of every variant, stacked: ([V, I, O], [V, O])."""
+    w_v, b_v = zip(*(_propagation_weights(levels, w_dense, bias_dense, removals, num_units, unit_size, expectation)
+                     for levels, expectation in zip(levels_v, expectation_v, strict=True)))
+    return jnp.stack(w_v), jnp.stack(b_v)
 
 
 def _propagation_weights(levels, w_dense, bias_dense, removals, num_units, unit_size, expectation):

@@ -216,6 +216,21 @@ def test_a_search_call_is_one_compiled_layer_whatever_the_depth():
     assert program(8) == shallow
 
 
+def test_a_search_call_reads_only_the_copies_it_picks():
+    # Each sublayer indexes its chosen copy from the whole stacked bank. Scanning the bank instead handed
+    # the loop body a layer's E copies, which XLA materialised before the conditional that skips unchanged
+    # sublayers (E × o_proj and down_proj per layer and call: 11% of a generation on 8B shapes).
+    weights = jax.eval_shape(search.search_weights, llama.abstract_weights(CFG, jnp.float32))
+    s = jax.ShapeDtypeStruct
+    args = (weights, search.abstract_bank(CFG, 9, jnp.float32), s((2, 3), jnp.int32), s((4, 2, 3), jnp.int32),
+            s((2, 16), jnp.int32), s((16, 15, 16), jnp.int32), s((16, 15, 16), jnp.float32), s((2,), jnp.int32))
+    compiled = search.candidates_kl.lower(*args, CFG, 2).compile().as_text()
+    layer_copies = [f"= f32[9,{n},{CFG.hidden_size}]" for n in (CFG.intermediate_size, CFG.num_heads * CFG.head_dim)]
+    made = [line for line in compiled.splitlines() if any(shape in line for shape in layer_copies)
+            and any(op in line for op in (" fusion(", " copy(", " dynamic-slice("))]
+    assert not made, made
+
+
 def test_the_search_refuses_unstacked_weights(setup):
     weights, plan, _, bank, pool, dense = setup
     parent = np.full((2, 3), 4, np.int32)

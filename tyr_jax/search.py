@@ -10,12 +10,12 @@ selection, each stage on a fresh random minibatch of the fitness pool:
 Fitness: KL(dense ‖ candidate) over the dense model's top-k next-token logits (log-softmax over those k
 for both; mean over tokens; the last position of a window is not scored). The dense top-k of the pool
 is computed once. Candidates are evaluated many per compiled call: each sublayer gathers its copy from
-stacked levels (`LevelBank`, [L, E, ...]) by the candidate's level index, and the layers are a
-`lax.scan` over the stacked dense layers (`search_weights`) and the bank, so the compiled program is
-one layer whatever the depth. An offspring differs from its parent in a
+stacked levels (`LevelBank`, [L, E, ...]) by its layer and the candidate's level index, and the layers are
+a `lax.scan` over the layer index with the dense layers stacked (`search_weights`), so the compiled
+program is one layer whatever the depth. An offspring differs from its parent in a
 few sublayers, so it is run only from its first changed sublayer on, starting from the parent's
 residual stream there (`candidates_kl`); on Llama-3.1-8B shapes a generation took 0.76 of the time of
-running every candidate in full (BENCHMARKS.md, search speed). The lm_head runs over chunks of
+running every candidate in full with the layers unrolled (BENCHMARKS.md, search speed). The lm_head runs over chunks of
 `logit_chunk` tokens (`over_token_chunks`), each chunk reduced to its top-k entries (the dense top-k, or a
 candidate's KL) before the next: a call holds chunk × vocab fp32 logits per candidate, never
 tokens × vocab.
@@ -156,29 +156,33 @@ def _stacked(weights: llama.Weights) -> llama.Block:
     return weights.blocks
 
 
-def _sublayer(blk: llama.Block, copies: LevelBank, cfg: ModelConfig, rope, kind: int, x, level):
-    """x plus a layer's attention (kind 0) or MLP (kind 1), built from its copy `level`: `blk` is that
-    layer's dense block, `copies` its slice of the bank [E, ...] (o_proj / down_proj and the keep mask)."""
+def _sublayer(weights: llama.Weights, bank: LevelBank, layer, cfg: ModelConfig, rope, kind: int, x, level):
+    """x plus attention (kind 0) or MLP (kind 1) of `layer`, built from its copy `level`: the layer's dense
+    block from the stacked `weights`, o_proj / down_proj and the keep mask from the stacked bank [L, E, ...].
+
+    Both are indexed here, from the whole arrays: a scan over the bank would hand each layer all E copies,
+    and XLA copies that slice before a `lax.cond` that reads it (9 copies of o_proj and down_proj per layer
+    and call, found in the compiled search); indexed here, only the chosen copies are read."""
+    blk = jax.tree.map(lambda w: w[layer], _stacked(weights))
+    pick = lambda a: a[layer, level]  # noqa: E731
     if kind == 0:
         k, g, h, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.hidden_size
-        bias = copies.attn_bias_le[level] + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
-        attn = dataclasses.replace(blk.attn, o_kghd=copies.o_le[level].reshape(k, g, h, d), o_bias_d=bias)
-        return x + llama.attention(attn, x, cfg, rope, kv_mask_k=copies.attn_keep_le[level])
-    bias = copies.mlp_bias_le[level] + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
-    mlp_w = dataclasses.replace(blk.mlp, down_fd=copies.down_le[level], down_bias_d=bias)
-    return x + llama.mlp(mlp_w, x, cfg, mask_f=copies.mlp_keep_le[level])
+        bias = pick(bank.attn_bias_le) + (0 if blk.attn.o_bias_d is None else blk.attn.o_bias_d)
+        attn = dataclasses.replace(blk.attn, o_kghd=pick(bank.o_le).reshape(k, g, h, d), o_bias_d=bias)
+        return x + llama.attention(attn, x, cfg, rope, kv_mask_k=pick(bank.attn_keep_le))
+    bias = pick(bank.mlp_bias_le) + (0 if blk.mlp.down_bias_d is None else blk.mlp.down_bias_d)
+    mlp_w = dataclasses.replace(blk.mlp, down_fd=pick(bank.down_le), down_bias_d=bias)
+    return x + llama.mlp(mlp_w, x, cfg, mask_f=pick(bank.mlp_keep_le))
 
 
-def _scan_layers(weights: llama.Weights, bank: LevelBank, levels_2l, layer_fn, carry):
-    """`carry` through the layers with `lax.scan`: layer_fn(carry, layer index, its dense block, its
-    copies [E, ...], its levels [2]) for each layer in turn. One compiled layer, whatever the depth; the
-    bank is scanned too (not indexed from the whole), so a layer's copies are what the body reads."""
-    num_layers = levels_2l.shape[-1]
-
+def _scan_layers(levels_2l, layer_fn, carry):
+    """`carry` through the layers with `lax.scan`: layer_fn(carry, layer index, its levels [2]) for each
+    layer in turn (the body indexes the stacked weights and bank itself, `_sublayer`). One compiled layer,
+    whatever the depth."""
     def step(carry, xs):
         return layer_fn(carry, *xs), None
 
-    carry, _ = jax.lax.scan(step, carry, (jnp.arange(num_layers), _stacked(weights), bank, levels_2l.T))
+    carry, _ = jax.lax.scan(step, carry, (jnp.arange(levels_2l.shape[-1]), levels_2l.T))
     return carry
 
 
@@ -187,12 +191,12 @@ def candidate_logits(weights: llama.Weights, bank: LevelBank, levels_2l, tokens_
     (`weights` with stacked layers)."""
     rope = llama.rope_tables(cfg, llama.default_positions(tokens_bt))
 
-    def layer(x, l, blk, copies, levels):
+    def layer(x, l, levels):
         for kind in (0, 1):
-            x = _sublayer(blk, copies, cfg, rope, kind, x, levels[kind])
+            x = _sublayer(weights, bank, l, cfg, rope, kind, x, levels[kind])
         return x
 
-    return llama.unembed(weights, _scan_layers(weights, bank, levels_2l, layer, llama.embed(weights, tokens_bt)), cfg)
+    return llama.unembed(weights, _scan_layers(levels_2l, layer, llama.embed(weights, tokens_bt)), cfg)
 
 
 def first_change(levels_c2l, parent_2l):
@@ -301,27 +305,27 @@ def candidates_kl(weights, bank, parent_2l, levels_c2l, tokens_bt, idx_ntk, logp
             """The parent's stream where each group starts: x, for the groups that start at sublayer s."""
             return jnp.where((starts == s)[:, None, None, None], x, entry)
 
-        def parent_layer(carry, l, blk, copies, levels_2):
+        def parent_layer(carry, l, levels_2):
             x, entry = carry
             for kind in (0, 1):
-                x = _sublayer(blk, copies, cfg, rope, kind, x, levels_2[kind])
+                x = _sublayer(weights, bank, l, cfg, rope, kind, x, levels_2[kind])
                 entry = keep_entry(entry, 2 * l + kind + 1, x)
             return x, entry
 
         x = llama.embed(weights, tokens)
         entry = keep_entry(jnp.zeros((len(groups), *x.shape), x.dtype), 0, x)
-        x, entry = _scan_layers(weights, bank, parent, parent_layer, (x, entry))
+        x, entry = _scan_layers(parent, parent_layer, (x, entry))
         parent_kl = stream_topk_kl(weights, x, idx, logp, cfg, chunk=chunk)
 
         def candidate_kl(levels_2l, start, x):
             """One candidate's KL, run from the parent's stream x at sublayer `start` on."""
-            def layer(x, l, blk, copies, levels_2):
+            def layer(x, l, levels_2):
                 for kind in (0, 1):
-                    run = functools.partial(_sublayer, blk, copies, cfg, rope, kind, level=levels_2[kind])
+                    run = functools.partial(_sublayer, weights, bank, l, cfg, rope, kind, level=levels_2[kind])
                     x = jax.lax.cond(2 * l + kind >= start, run, lambda y: y, x)
                 return x
 
-            return stream_topk_kl(weights, _scan_layers(weights, bank, levels_2l, layer, x), idx, logp, cfg,
+            return stream_topk_kl(weights, _scan_layers(levels_2l, layer, x), idx, logp, cfg,
                                   chunk=chunk)
 
         def group_kl(args):

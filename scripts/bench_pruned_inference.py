@@ -91,9 +91,13 @@ def main():
         weights = jax.jit(llama.init_weights, static_argnames=("cfg", "dtype"))(cfg, key=jax.random.key(0),
                                                                                 dtype=jnp.bfloat16)
 
+        read = decode_bytes_per_token(weights, args.prompt + args.new_tokens)  # the model's own bytes, unpadded
+        prunable, params = prunable_params(weights), int(sum(x.size for x in jax.tree.leaves(weights)))
+        weights = jax.jit(decode.layout)(weights)  # once, as a server would on loading the model
+
         @jax.jit
         def ttft(w, p):
-            cache = decode.init_cache(w, p.shape[0], p.shape[1])
+            cache = decode.init_cache(w, p.shape[0], p.shape[1], cfg)
             return decode.prefill(w, cache, p, cfg)[0]
 
         gen = jax.jit(lambda w, p, n=args.new_tokens: decode.generate(w, p, cfg, n))
@@ -101,9 +105,7 @@ def main():
         print(f"sparsity {s:.2f}: prefill {prefill_s * 1e3:.1f} ms", flush=True)
         gen_s = float(np.median(timed(gen, weights, prompt, repeats=3)))
         per_token = (gen_s - prefill_s) / args.new_tokens
-        read = decode_bytes_per_token(weights, args.prompt + args.new_tokens)
-        rows.append({"sparsity": s, "prunable_params": prunable_params(weights),
-                     "params": int(sum(x.size for x in jax.tree.leaves(weights))),
+        rows.append({"sparsity": s, "prunable_params": prunable, "params": params,
                      "prefill_s": prefill_s, "decode_s_per_token": per_token, "decode_bytes_per_token": read,
                      "decode_bandwidth_fraction": read / per_token / 1e9 / bandwidth})
         print(f"sparsity {s:.2f}: prefill {prefill_s * 1e3:.1f} ms, decode {per_token * 1e3:.2f} ms/token, "

@@ -24,7 +24,10 @@ def test_cached_decoding_equals_full_forward(pruned):
     weights, cfg = _pruned() if pruned else (llama.init_weights(CFG, key=jax.random.key(0), scale=0.3), CFG)
     tokens = np.random.default_rng(0).integers(0, 53, (2, 12)).astype(np.int32)
     full = np.asarray(llama.forward(weights, tokens, cfg))
-    cache = decode.init_cache(weights, 2, 12)
+    weights = decode.layout(weights)
+    # MLP widths rounded up to the layout's multiple with zero channels (40, removed, 10 kept here)
+    assert [layer.down_fd.shape[0] for layer in weights.blocks] == ([128, 0, 128] if pruned else [128] * 3)
+    cache = decode.init_cache(weights, 2, 12, cfg)
     logits, cache = decode.prefill(weights, cache, tokens[:, :5], cfg)
     np.testing.assert_allclose(np.asarray(logits), full[:, 4], atol=1e-5)
     step = jax.jit(decode.decode_step, static_argnames="cfg")
@@ -36,7 +39,8 @@ def test_cached_decoding_equals_full_forward(pruned):
 def test_greedy_generation_is_consistent_with_the_forward_pass():
     weights, cfg = _pruned()
     prompt = np.random.default_rng(1).integers(0, 53, (2, 4)).astype(np.int32)
-    new = np.asarray(jax.jit(decode.generate, static_argnames=("cfg", "num_new"))(weights, prompt, cfg=cfg, num_new=5))
+    new = np.asarray(jax.jit(decode.generate, static_argnames=("cfg", "num_new"))(decode.layout(weights), prompt,
+                                                                                 cfg=cfg, num_new=5))
     seq = np.concatenate([prompt, new], axis=1)
     want = np.argmax(np.asarray(llama.forward(weights, seq, cfg))[:, 3:-1], axis=-1)
     np.testing.assert_array_equal(new, want)

@@ -62,7 +62,7 @@ def _assert_greedy_generate_matches(model, weights, cfg, num_new=6):
     prompt = TOKENS[:, :5]
     with torch.no_grad():
         got = model.generate(torch.as_tensor(prompt, dtype=torch.long), max_new_tokens=num_new, do_sample=False)
-    want = np.asarray(decode.generate(weights, jnp.asarray(prompt), cfg, num_new))
+    want = np.asarray(decode.generate(decode.layout(weights), jnp.asarray(prompt), cfg, num_new))
     np.testing.assert_array_equal(got[:, prompt.shape[1]:].numpy(), want)
 
 

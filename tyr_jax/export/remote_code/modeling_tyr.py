@@ -141,13 +141,10 @@ class TyrAttention(MistralAttention):
     is removed: it adds only o_proj's bias, and puts a zero key/value stand-in in the cache."""
 
     def __init__(self, config: TyrConfig, layer_idx: int):
-        nn.Module.__init__(self)
-        self.config, self.layer_idx = config, layer_idx
-        self.head_dim = config.head_dim
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim ** -0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
+        # MistralAttention's own set-up first: with the `kernels` package installed, transformers wraps it
+        # to give each instance its kernel table, which forward reads. Its full-size projections are then
+        # replaced (from_pretrained builds them on the meta device, so they cost nothing there).
+        super().__init__(config, layer_idx)
         kv = config.layer_kv_groups(layer_idx) * self.head_dim
         q = kv * self.num_key_value_groups
         d = config.hidden_size

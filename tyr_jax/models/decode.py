@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,7 @@ from tyr_jax.models.config import ModelConfig
 MLP_MULTIPLE = 128
 
 
-@llama._pytree
-class Layer:
+class Layer(NamedTuple):
     """One decoder layer laid out for decoding: each sublayer's input projections as one matrix, so
     a step reads each weight once in one matrix-vector product. Side by side, XLA on GPU merges the two
     products of gate and up that share their input by copying both weights into one, every step (for

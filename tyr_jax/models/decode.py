@@ -61,9 +61,10 @@ def layout(weights: llama.Weights, multiple: int = MLP_MULTIPLE) -> llama.Weight
 
     def one(blk: llama.Block) -> Layer:
         a, m = blk.attn, blk.mlp
+        *kgh, d = a.o_kghd.shape
         return Layer(attn_norm_d=a.norm_d, qkv_dn=matrix(a.q_dkgh, a.k_dkh, a.v_dkh),
                      qkv_bias_n=vector(a.q_bias_kgh, a.k_bias_kh, a.v_bias_kh),
-                     o_nd=a.o_kghd.reshape(math.prod(a.o_kghd.shape[:-1]), a.o_kghd.shape[-1]), o_bias_d=a.o_bias_d, mlp_norm_d=m.norm_d,
+                     o_nd=a.o_kghd.reshape(math.prod(kgh), d), o_bias_d=a.o_bias_d, mlp_norm_d=m.norm_d,
                      gate_up_dn=matrix(pad_f(m.gate_df, 1), pad_f(m.up_df, 1)),
                      gate_up_bias_n=vector(pad_f(m.gate_bias_f, 0), pad_f(m.up_bias_f, 0)),
                      down_fd=pad_f(m.down_fd, 0), down_bias_d=m.down_bias_d)

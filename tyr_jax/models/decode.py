@@ -24,9 +24,9 @@ from tyr_jax.models.config import ModelConfig
 
 # Each layer's MLP width is rounded up to this many channels (zero ones: silu(0)·0 = 0) for decoding.
 # At batch 1, XLA on GPU splits a GEMV's contraction dimension K over split_k blocks and pads K to a
-# multiple of 8·split_k first, as a copy of the whole weight on every step (the split is 8 for K from
-# about 4k to 16k on an H200, so 64 channels; 16 above); the widths a search picks, multiples of 224,
-# were padded per token (BENCHMARKS.md). Multiples of 128 never are, up to K ≈ 32k.
+# multiple of 8·split_k first, as a copy of the whole weight on every step (on an H200 the split is 8
+# for K from about 4k to 16k: multiples of 64; 16 above: multiples of 128); the widths a search picks,
+# multiples of 224, were padded per token (BENCHMARKS.md). Multiples of 128 never are, up to K ≈ 32k.
 MLP_MULTIPLE = 128
 
 

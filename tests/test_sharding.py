@@ -118,13 +118,15 @@ def test_search_generation_on_a_mesh_equals_one_device(single, shape):
     kids = search.mutate(parent, plan, np.random.default_rng(0), SEARCH.offspring, SEARCH.max_flips)
     # Three stage-like shapes; on 8 / 4 / 2 data devices the candidates are split, split and
     # padded, or the windows split.
+    stacked, mesh_stacked = search.search_weights(_weights()), search.search_weights(weights, mesh)
     for num, rows in ((8, np.arange(1)), (4, np.arange(3, 7)), (2, np.arange(8))):
-        got = search.evaluate(search.search_weights(weights, mesh), mesh_bank, CFG, SEARCH, mesh_pool, parent, kids[:num], rows)
-        want = search.evaluate(search.search_weights(_weights()), bank, CFG, SEARCH, pool, parent, kids[:num], rows)
+        got = search.evaluate(mesh_stacked, mesh_bank, CFG, SEARCH, mesh_pool, parent, kids[:num], rows)
+        want = search.evaluate(stacked, bank, CFG, SEARCH, pool, parent, kids[:num], rows)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
         assert got[0] == pytest.approx(want[0], rel=1e-5)
-    want = search.generation_step(search.search_weights(_weights()), bank, CFG, SEARCH, plan, pool, parent, np.random.default_rng(5))
-    got = search.generation_step(search.search_weights(weights, mesh), mesh_bank, CFG, SEARCH, plan, mesh_pool, parent, np.random.default_rng(5))
+    want = search.generation_step(stacked, bank, CFG, SEARCH, plan, pool, parent, np.random.default_rng(5))
+    got = search.generation_step(mesh_stacked, mesh_bank, CFG, SEARCH, plan, mesh_pool, parent,
+                                 np.random.default_rng(5))
     np.testing.assert_array_equal(got[0], want[0])
     assert got[1] == pytest.approx(want[1], rel=1e-5)
 

@@ -139,7 +139,7 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
         plan["stats_call"] = {"device": max(temps), "total": None, "compile_s": time.perf_counter() - start}
         levels = (2, cfg.num_layers)
         # The search call is compiled in fp32: in bf16, XLA on CPU converts every stacked operand (the
-        # layers and the bank it scans) to fp32 once ahead of the layer loop, which no GPU does; fp32
+        # layers and the bank it indexes) to fp32 once ahead of the layer loop, which no GPU does; fp32
         # throughout bounds the bf16 program's temporaries from above and does not grow with depth.
         stacked32 = jax.eval_shape(search_weights, llama.abstract_weights(cfg, jnp.float32))
         bank32 = abstract_bank(cfg, num_levels, jnp.float32)

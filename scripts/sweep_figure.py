@@ -49,8 +49,10 @@ def read_rows(path: pathlib.Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open() as f:
-        return [{k: (float(v) if k in ("target", "prunable_kept", "ppl", "ppl_ood", "wall_s") and v else v)
-                 for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    number = {"target": float, "prunable_kept": float, "ppl": float, "ppl_ood": float,
+              "wall_s": lambda v: round(float(v))}
+    return [{k: (number[k](v) if k in number and v else v) for k, v in r.items()} for r in rows]
 
 
 def merge(rows: list[dict], new: list[dict]) -> list[dict]:

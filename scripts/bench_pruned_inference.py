@@ -16,6 +16,7 @@ its time, its number of calls and the compiled HLO instruction it runs (its shap
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -95,12 +96,12 @@ def main():
         prunable, params = prunable_params(weights), int(sum(x.size for x in jax.tree.leaves(weights)))
         weights = jax.jit(decode.layout)(weights)  # once, as a server would on loading the model
 
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=decode.COMPILER_OPTIONS)
         def ttft(w, p):
             cache = decode.init_cache(w, p.shape[0], p.shape[1], cfg)
             return decode.prefill(w, cache, p, cfg)[0]
 
-        gen = jax.jit(lambda w, p, n=args.new_tokens: decode.generate(w, p, cfg, n))
+        gen = functools.partial(decode.generate, cfg=cfg, num_new=args.new_tokens)
         prefill_s = float(np.median(timed(ttft, weights, prompt, repeats=5)))
         print(f"sparsity {s:.2f}: prefill {prefill_s * 1e3:.1f} ms", flush=True)
         gen_s = float(np.median(timed(gen, weights, prompt, repeats=3)))
@@ -114,7 +115,7 @@ def main():
             trace_dir = f"{args.profile}/sparsity-{s}"
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 jax.block_until_ready(gen(weights, prompt))
-            rows[-1]["profile"] = device_time_by_kernel(trace_dir, gen.lower(weights, prompt).compile().as_text())
+            rows[-1]["profile"] = device_time_by_kernel(trace_dir, decode.generate.lower(weights, prompt, cfg=cfg, num_new=args.new_tokens).compile().as_text())
             print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
         del weights
     dense = rows[0]

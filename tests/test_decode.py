@@ -39,8 +39,7 @@ def test_cached_decoding_equals_full_forward(pruned):
 def test_greedy_generation_is_consistent_with_the_forward_pass():
     weights, cfg = _pruned()
     prompt = np.random.default_rng(1).integers(0, 53, (2, 4)).astype(np.int32)
-    new = np.asarray(jax.jit(decode.generate, static_argnames=("cfg", "num_new"))(decode.layout(weights), prompt,
-                                                                                 cfg=cfg, num_new=5))
+    new = np.asarray(decode.generate(decode.layout(weights), prompt, cfg=cfg, num_new=5))
     seq = np.concatenate([prompt, new], axis=1)
     want = np.argmax(np.asarray(llama.forward(weights, seq, cfg))[:, 3:-1], axis=-1)
     np.testing.assert_array_equal(new, want)

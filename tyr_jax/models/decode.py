@@ -5,12 +5,14 @@ product reads its weight once and nothing else copies it: `layout` lays the weig
 matrix, gate and up as one, MLP widths rounded up to multiples of 128; why in `Layer` and `MLP_MULTIPLE`),
 once, before decoding. Each layer keeps its own cache [B, S, K_l, H] (pruned layers have fewer KV groups; a
 removed attention sublayer has none). `prefill` runs the prompt and fills the caches; `decode_step` adds
-one token per sequence. Greedy `generate` is what the speed benchmark times.
+one token per sequence. Greedy `generate` (compiled with `COMPILER_OPTIONS`) is what the speed benchmark
+times.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -28,6 +30,13 @@ from tyr_jax.models.config import ModelConfig
 # for K from about 4k to 16k: multiples of 64; 16 above: multiples of 128); the widths a search picks,
 # multiples of 224, were padded per token (BENCHMARKS.md). Multiples of 128 never are, up to K ≈ 32k.
 MLP_MULTIPLE = 128
+
+# What `generate` is compiled with. XLA on GPU rewrites a matrix-vector product with (N + 1)·K < 10⁷ as
+# an elementwise multiply and a reduce (its dot-strength-reduction pass), written out in between: a pruned
+# layer's small weights (o_proj of ≤ 4 KV groups, q/k/v of ≤ 3) were read at 0.8 TB/s of the H200's 4.3.
+# Without the pass, 50%-pruned decoding went from 3.52 to 2.93 ms per token (BENCHMARKS.md). Pass these to
+# any `jax.jit` of your own that decodes (compiler options of an inner jit do not apply).
+COMPILER_OPTIONS = {"xla_disable_hlo_passes": "dot-strength-reduction"}
 
 
 class Layer(NamedTuple):
@@ -156,6 +165,7 @@ def decode_step(weights, cache, token_b, position, cfg: ModelConfig):
     return _step(weights, cache, token_b[:, None], position, cfg, prompt=False)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "num_new"), compiler_options=COMPILER_OPTIONS)
 def generate(weights, prompt_bt, cfg: ModelConfig, num_new: int):
     """Greedy continuation of `prompt_bt` by `num_new` tokens: [B, num_new] (`layout` weights)."""
     cache = init_cache(weights, prompt_bt.shape[0], prompt_bt.shape[1] + num_new, cfg)

@@ -54,8 +54,10 @@ def test_expectation_propagation_is_the_weighted_mean_of_the_copies(tmp_path):
     x = llama.embed(weights, jnp.asarray(_calib()[:4]))
     rope = llama.rope_tables(CFG, llama.default_positions(x[..., 0]))
     # The propagation steps take a leading variant axis (here one) and donate their input buffers.
-    got_mid = sn.propagate_attention(blk, [stored["attn"]], plan.attn[0], [x[None]], rope, CFG, [True])[0][0]
-    got_out = sn.propagate_mlp(blk, [stored["mlp"]], plan.mlp[0], [got_mid[None]], CFG, [True])[0][0]
+    attn_copies = sn.stacked_copies(stored["attn"], 8, 24, np.float32)   # [E, I, O] as the pruner gives them
+    got_mid = sn.propagate_attention(blk, [attn_copies], plan.attn[0], [x[None]], rope, CFG, [True])[0][0]
+    mlp_copies = sn.stacked_copies(stored["mlp"], 1, 24, np.float32)
+    got_out = sn.propagate_mlp(blk, [mlp_copies], plan.mlp[0], [got_mid[None]], CFG, [True])[0][0]
 
     def copy(level):  # the physically pruned block of one attention / MLP copy
         a, m = stored["attn"][f"level_{level}"], stored["mlp"][f"level_{level}"]
@@ -70,7 +72,7 @@ def test_expectation_propagation_is_the_weighted_mean_of_the_copies(tmp_path):
     np.testing.assert_allclose(np.asarray(got_mid), np.asarray(want_mid), atol=1e-5)
     np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=1e-5)
     # The ablation hands on the dense output instead, which differs.
-    dense = sn.propagate_attention(blk, [stored["attn"]], plan.attn[0], [x[None]], rope, CFG, [False])[0][0]
+    dense = sn.propagate_attention(blk, [attn_copies], plan.attn[0], [x[None]], rope, CFG, [False])[0][0]
     np.testing.assert_allclose(np.asarray(dense), np.asarray(x + llama.attention(blk.attn, x, CFG, rope)), atol=1e-5)
     assert not np.allclose(np.asarray(dense), np.asarray(got_mid), atol=1e-3)
 

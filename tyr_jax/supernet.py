@@ -279,16 +279,21 @@ def expand_level(entry: dict, unit_size: int, d_out: int, dtype) -> np.ndarray:
     return w
 
 
-def averaged_projection(levels: dict, weights_e: np.ndarray, unit_size: int, d_out: int, dtype):
-    """W̄ = Σ_e w_e W_e and b̄ = Σ_e w_e b_e (fp32 on the host, in level order), as NumPy in `dtype`."""
-    w_bar = np.zeros((len(levels["level_0"]["keep"]) * unit_size, d_out), np.float32)
-    b_bar = np.zeros((d_out,), np.float32)
-    for e, w_e in enumerate(weights_e):
-        entry = levels[f"level_{e}"]
-        w_bar += w_e * expand_level(entry, unit_size, d_out, np.float32)
-        if "bias" in entry:
-            b_bar += w_e * np.asarray(entry["bias"], np.float32)
-    return w_bar.astype(dtype), b_bar.astype(dtype)
+def stacked_copies(levels: dict, unit_size: int, d_out: int, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stored copies back in the pruner's layout: every level's full projection [E, I, O] (removed rows
+    0) and its bias [E, O] (None without)."""
+    entries = [levels[f"level_{e}"] for e in range(len(levels))]
+    w_eio = np.stack([expand_level(entry, unit_size, d_out, dtype) for entry in entries])
+    bias_eo = np.stack([np.asarray(e["bias"], dtype) for e in entries]) if "bias" in entries[0] else None
+    return w_eio, bias_eo
+
+
+@jax.jit
+def _weighted_mean(x_e, weights_e):
+    """Σ_e w_e x_e over the leading level axis, in fp32 (an elementwise sum, not a dot that could run in
+    TF32), in the dtype of x."""
+    w = weights_e.reshape((-1,) + (1,) * (x_e.ndim - 1))
+    return jnp.sum(w * x_e.astype(jnp.float32), axis=0).astype(x_e.dtype)
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -350,8 +355,9 @@ def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.n
     (XLA partitions its row updates; the Cholesky refits gather the matrix). The copies are the same
     as on one device up to floating-point summation order.
 
-    `timings`, if given, accumulates seconds spent in the pruners (`prune_s`, copies to the host
-    included), in Orbax writes (`save_s`) and in total (`total_s`)."""
+    `timings`, if given, accumulates seconds the host waits for the pruners' copies and compacts them
+    (`prune_s`; the device propagates meanwhile), spends in Orbax writes (`save_s`) and in total
+    (`total_s`)."""
     num = len(scfgs)
     if num < 1 or len(stores) != num:
         raise ValueError(f"{num} configs but {len(stores)} stores")
@@ -366,6 +372,7 @@ def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.n
     if mesh is not None and batch_size % mesh.shape["data"]:
         raise ValueError(f"calibration batch size {batch_size} is not a multiple of mesh.data = {mesh.shape['data']}")
     attn_in, mlp_in, attn_unit = cfg.num_kv_heads * g * h, cfg.intermediate_size, g * h
+    dtype = weights.blocks[0].mlp.down_fd.dtype
     method = scfgs[0].method
     attn_hp, mlp_hp = split_hparams(scfgs, "attn"), split_hparams(scfgs, "mlp")
     expectations = [s.expectation for s in scfgs]
@@ -383,25 +390,31 @@ def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.n
         blk = weights.blocks[i]
         missing = [v for v in range(num) if not stores[v].has_block(i)]
         stored = [{} if v in missing else stores[v].load_block(i) for v in range(num)]
-        # Attention: statistics of the o_proj inputs, copies, then hand on the expectation.
+        # Attention: statistics of the o_proj inputs, copies, then hand on the expectation. The device
+        # propagates while the host compacts the copies and writes them (`_compact`, Orbax).
+        result = None
         if missing:
             stats = zero_stats(attn_in, mesh, num)
             for x in xs:
                 stats = attn_stats_step(blk.attn, x, stats, rope, cfg, stats_shardings(mesh, attn_in, num))
+            result = _pruned(blk.attn.o_kghd.reshape(-1, d), stats, attn_hp, method, attn_unit, attn_removals[i])
+        copies = _copies(result, stored, missing, "attn", attn_unit, d, dtype)
+        xs = propagate_attention(blk, copies, plan.attn[i], xs, rope, cfg, expectations)
+        if missing:
             t0 = time.perf_counter()
-            result = prune_step(blk.attn.o_kghd.reshape(-1, d), stats, attn_hp[0], method, attn_unit,
-                                attn_removals[i], attn_hp[1])
             for v, levels in _compact(result, attn_unit, missing):
                 stored[v]["attn"] = levels
             timings["prune_s"] += time.perf_counter() - t0
-        xs = propagate_attention(blk, [s["attn"] for s in stored], plan.attn[i], xs, rope, cfg, expectations)
         # MLP, on the activations the attention sublayer handed on.
         if missing:
             stats = zero_stats(mlp_in, mesh, num)
             for x in xs:
                 stats = mlp_stats_step(blk.mlp, x, stats, cfg, stats_shardings(mesh, mlp_in, num))
+            result = _pruned(blk.mlp.down_fd, stats, mlp_hp, method, 1, mlp_removals[i])
+        xs = propagate_mlp(blk, _copies(result, stored, missing, "mlp", 1, d, dtype), plan.mlp[i], xs, cfg,
+                           expectations)
+        if missing:
             t0 = time.perf_counter()
-            result = prune_step(blk.mlp.down_fd, stats, mlp_hp[0], method, 1, mlp_removals[i], mlp_hp[1])
             for v, levels in _compact(result, 1, missing):
                 stored[v]["mlp"] = levels
             timings["prune_s"] += time.perf_counter() - t0
@@ -409,7 +422,6 @@ def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.n
             for v in missing:
                 stores[v].save_block(i, stored[v])
             timings["save_s"] += time.perf_counter() - t0
-        xs = propagate_mlp(blk, [s["mlp"] for s in stored], plan.mlp[i], xs, cfg, expectations)
         jax.block_until_ready(xs)
         timings["total_s"] += time.perf_counter() - start
         bar.set_postfix(block_s=f"{time.perf_counter() - start:.1f}")
@@ -429,6 +441,23 @@ def _variants(x_btd, num: int, mesh):
     return x_vbtd if mesh is None else jax.device_put(x_vbtd, NamedSharding(mesh, P(None, "data", None, None)))
 
 
+def _pruned(w_io, stats, hparams, method, unit_size, removals_e):
+    """`prune_step`, with the copies' transfer to the host started as soon as they exist, so that it
+    overlaps the propagation that follows."""
+    result = prune_step(w_io, stats, hparams[0], method, unit_size, removals_e, hparams[1])
+    for a in jax.tree.leaves(result):
+        if a.is_fully_addressable:
+            a.copy_to_host_async()
+    return result
+
+
+def _copies(result, stored, missing, kind: str, unit_size: int, d_out: int, dtype) -> list[tuple]:
+    """Every variant's copies of one sublayer on the device, (W [E, I, O], bias [E, O] or None): the
+    pruner's `result` for the variants it built (`missing`), the stored copies for the others."""
+    return [(result.w_eio[v], None if result.bias_eo is None else result.bias_eo[v]) if v in missing
+            else stacked_copies(stored[v][kind], unit_size, d_out, dtype) for v in range(len(stored))]
+
+
 def _compact(result, unit_size: int, variants: list[int]):
     """(v, `compact_levels` of variant v) for the given variants of a LevelResult with a leading V axis
     (one transfer to the host)."""
@@ -438,44 +467,42 @@ def _compact(result, unit_size: int, variants: list[int]):
         yield v, compact_levels(jax.tree.map(lambda a: a[v], host), unit_size)
 
 
-def propagate_attention(blk: llama.Block, levels_v: Sequence[dict], removals, xs, rope, cfg: ModelConfig,
+def propagate_attention(blk: llama.Block, copies_v: Sequence[tuple], removals, xs, rope, cfg: ModelConfig,
                         expectation_v: Sequence[bool]):
     """Hands on X + attn(X) of every variant v (activations [V, B, T, D]) with the expectation over its
-    stored copies `levels_v[v]` (Eq. 5), or dense where `expectation_v[v]` is False."""
-    w_vio, b_vd = _variant_propagation_weights(levels_v, blk.attn.o_kghd.reshape(-1, cfg.hidden_size),
-                                               blk.attn.o_bias_d, removals, cfg.num_kv_heads,
-                                               cfg.q_per_kv * cfg.head_dim, expectation_v)
+    copies `copies_v[v]` = (W [E, I, O], bias [E, O] or None) (Eq. 5), or dense where `expectation_v[v]` is
+    False."""
+    w_vio, b_vd = _propagation_weights(copies_v, blk.attn.o_kghd.reshape(-1, cfg.hidden_size), blk.attn.o_bias_d,
+                                       removals, cfg.num_kv_heads, expectation_v)
     return [_attn_apply(blk.attn, x, w_vio, b_vd, rope, cfg) for x in xs]
 
 
-def propagate_mlp(blk: llama.Block, levels_v: Sequence[dict], removals, xs, cfg: ModelConfig,
+def propagate_mlp(blk: llama.Block, copies_v: Sequence[tuple], removals, xs, cfg: ModelConfig,
                   expectation_v: Sequence[bool]):
-    """Hands on X + mlp(X) of every variant v with the expectation over its stored copies (Eq. 5), or dense."""
-    w_vio, b_vd = _variant_propagation_weights(levels_v, blk.mlp.down_fd, blk.mlp.down_bias_d, removals,
-                                               cfg.intermediate_size, 1, expectation_v)
+    """Hands on X + mlp(X) of every variant v with the expectation over its copies (Eq. 5), or dense."""
+    w_vio, b_vd = _propagation_weights(copies_v, blk.mlp.down_fd, blk.mlp.down_bias_d, removals,
+                                       cfg.intermediate_size, expectation_v)
     return [_mlp_apply(blk.mlp, x, w_vio, b_vd, cfg) for x in xs]
 
 
-def _variant_propagation_weights(levels_v, w_dense, bias_dense, removals, num_units, unit_size, expectation_v):
-    """`_propagation_weights` of every variant, stacked: ([V, I, O], [V, O])."""
-    w_v, b_v = zip(*(_propagation_weights(levels, w_dense, bias_dense, removals, num_units, unit_size, expectation)
-                     for levels, expectation in zip(levels_v, expectation_v, strict=True)))
-    return jnp.stack(w_v), jnp.stack(b_v)
-
-
-def _propagation_weights(levels, w_dense, bias_dense, removals, num_units, unit_size, expectation):
-    """(W̄, b̄) that hand on the expectation over copies, or the dense projection for the ablation."""
-    d_out = w_dense.shape[1]
-    zero_bias = jnp.zeros((d_out,), w_dense.dtype)
-    if not expectation:
-        return w_dense, zero_bias if bias_dense is None else bias_dense
-    w_bar, b_bar = averaged_projection(levels, expectation_weights(removals, num_units), unit_size, d_out,
-                                       w_dense.dtype)
-    # W̄ is placed once like the projection it stands in for (not re-sent with every batch).
+def _propagation_weights(copies_v, w_dense, bias_dense, removals, num_units, expectation_v):
+    """Every variant's (W̄, b̄), stacked ([V, I, O], [V, O]): the expectation over its copies on the
+    device, W̄ = Σ_e w_e W_e, b̄ = Σ_e w_e b_e (+ the dense bias), or the dense projection for the
+    ablation."""
+    weights_e = jnp.asarray(expectation_weights(removals, num_units))
     spread = len(w_dense.sharding.device_set) > 1
-    w_bar = jax.device_put(w_bar, w_dense.sharding) if spread else jnp.asarray(w_bar)
-    b_bar = jnp.asarray(b_bar)
-    return w_bar, b_bar if bias_dense is None else b_bar + bias_dense
+    dense_bias = jnp.zeros((w_dense.shape[1],), w_dense.dtype) if bias_dense is None else bias_dense
+    w_v, b_v = [], []
+    for (w_eio, bias_eo), expectation in zip(copies_v, expectation_v, strict=True):
+        if not expectation:
+            w_v.append(w_dense)
+            b_v.append(dense_bias)
+            continue
+        w_bar = _weighted_mean(jnp.asarray(w_eio), weights_e)
+        # W̄ is placed once like the projection it stands in for (not re-sent with every batch).
+        w_v.append(jax.device_put(w_bar, w_dense.sharding) if spread else w_bar)
+        b_v.append(dense_bias if bias_eo is None else _weighted_mean(jnp.asarray(bias_eo), weights_e) + dense_bias)
+    return jnp.stack(w_v), jnp.stack(b_v)
 
 
 # -- assembling a model from chosen copies ----------------------------------------------------------

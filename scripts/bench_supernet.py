@@ -4,7 +4,9 @@ Times (a) all levels of one `down_proj` and (b) one `o_proj` with the Týr prune
 given size, and (c) one whole block of `build_supernet` (Hessians over `--tokens` calibration tokens, 9
 levels of attention and MLP, expectation propagation, Orbax writes), extrapolated to the whole model's
 blocks. With fewer than 4M tokens, the token-proportional work (statistics, propagation) is extrapolated
-linearly to 4M; the pruners and the Orbax writes do not depend on the token count.
+linearly to 4M; the pruners and the Orbax writes do not depend on the token count. (An estimate: the
+host's share, waiting for the copies and writing them, overlaps the device's propagation since 2026-12-04,
+so below 4M tokens the split is approximate; at 4M the block's time is measured as it is.)
 
     python scripts/bench_supernet.py --tokens 4194304 --json $OUT/supernet.json
     python scripts/bench_supernet.py --shapes 70b --tokens 2097152 --mlp-round-sizes "" --json $OUT/supernet70b.json

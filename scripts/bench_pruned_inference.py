@@ -115,7 +115,8 @@ def main():
             trace_dir = f"{args.profile}/sparsity-{s}"
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 jax.block_until_ready(gen(weights, prompt))
-            rows[-1]["profile"] = device_time_by_kernel(trace_dir, decode.generate.lower(weights, prompt, cfg=cfg, num_new=args.new_tokens).compile().as_text())
+            hlo = decode.generate.lower(weights, prompt, cfg=cfg, num_new=args.new_tokens).compile().as_text()
+            rows[-1]["profile"] = device_time_by_kernel(trace_dir, hlo)
             print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
         del weights
     dense = rows[0]

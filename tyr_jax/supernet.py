@@ -398,7 +398,7 @@ def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.n
             for x in xs:
                 stats = attn_stats_step(blk.attn, x, stats, rope, cfg, stats_shardings(mesh, attn_in, num))
             result = _pruned(blk.attn.o_kghd.reshape(-1, d), stats, attn_hp, method, attn_unit, attn_removals[i])
-        copies = _copies(result, stored, missing, "attn", attn_unit, d, dtype)
+        copies = _copies(result, stored, missing, expectations, "attn", attn_unit, d, dtype)
         xs = propagate_attention(blk, copies, plan.attn[i], xs, rope, cfg, expectations)
         if missing:
             t0 = time.perf_counter()
@@ -411,8 +411,8 @@ def build_supernets(weights: llama.Weights, cfg: ModelConfig, calib_tokens: np.n
             for x in xs:
                 stats = mlp_stats_step(blk.mlp, x, stats, cfg, stats_shardings(mesh, mlp_in, num))
             result = _pruned(blk.mlp.down_fd, stats, mlp_hp, method, 1, mlp_removals[i])
-        xs = propagate_mlp(blk, _copies(result, stored, missing, "mlp", 1, d, dtype), plan.mlp[i], xs, cfg,
-                           expectations)
+        copies = _copies(result, stored, missing, expectations, "mlp", 1, d, dtype)
+        xs = propagate_mlp(blk, copies, plan.mlp[i], xs, cfg, expectations)
         if missing:
             t0 = time.perf_counter()
             for v, levels in _compact(result, 1, missing):
@@ -451,11 +451,18 @@ def _pruned(w_io, stats, hparams, method, unit_size, removals_e):
     return result
 
 
-def _copies(result, stored, missing, kind: str, unit_size: int, d_out: int, dtype) -> list[tuple]:
-    """Every variant's copies of one sublayer on the device, (W [E, I, O], bias [E, O] or None): the
-    pruner's `result` for the variants it built (`missing`), the stored copies for the others."""
-    return [(result.w_eio[v], None if result.bias_eo is None else result.bias_eo[v]) if v in missing
-            else stacked_copies(stored[v][kind], unit_size, d_out, dtype) for v in range(len(stored))]
+def _copies(result, stored, missing, expectations, kind: str, unit_size: int, d_out: int, dtype) -> list:
+    """Every variant's copies of one sublayer, (W [E, I, O], bias [E, O] or None): the pruner's `result`
+    for the variants it built (`missing`), the stored copies for the others; None for a variant that
+    propagates the dense output (its copies are not read)."""
+    def one(v):
+        if not expectations[v]:
+            return None
+        if v in missing:
+            return result.w_eio[v], None if result.bias_eo is None else result.bias_eo[v]
+        return stacked_copies(stored[v][kind], unit_size, d_out, dtype)
+
+    return [one(v) for v in range(len(stored))]
 
 
 def _compact(result, unit_size: int, variants: list[int]):
@@ -471,7 +478,7 @@ def propagate_attention(blk: llama.Block, copies_v: Sequence[tuple], removals, x
                         expectation_v: Sequence[bool]):
     """Hands on X + attn(X) of every variant v (activations [V, B, T, D]) with the expectation over its
     copies `copies_v[v]` = (W [E, I, O], bias [E, O] or None) (Eq. 5), or dense where `expectation_v[v]` is
-    False."""
+    False (its copies may be None)."""
     w_vio, b_vd = _propagation_weights(copies_v, blk.attn.o_kghd.reshape(-1, cfg.hidden_size), blk.attn.o_bias_d,
                                        removals, cfg.num_kv_heads, expectation_v)
     return [_attn_apply(blk.attn, x, w_vio, b_vd, rope, cfg) for x in xs]
@@ -493,11 +500,12 @@ def _propagation_weights(copies_v, w_dense, bias_dense, removals, num_units, exp
     spread = len(w_dense.sharding.device_set) > 1
     dense_bias = jnp.zeros((w_dense.shape[1],), w_dense.dtype) if bias_dense is None else bias_dense
     w_v, b_v = [], []
-    for (w_eio, bias_eo), expectation in zip(copies_v, expectation_v, strict=True):
+    for copies, expectation in zip(copies_v, expectation_v, strict=True):
         if not expectation:
             w_v.append(w_dense)
             b_v.append(dense_bias)
             continue
+        w_eio, bias_eo = copies
         w_bar = _weighted_mean(jnp.asarray(w_eio), weights_e)
         # W̄ is placed once like the projection it stands in for (not re-sent with every batch).
         w_v.append(jax.device_put(w_bar, w_dense.sharding) if spread else w_bar)

@@ -74,6 +74,12 @@ def _variant_stats(d_in: int):
                         jax.eval_shape(functools.partial(SublayerStats.zeros, d_in)))
 
 
+def _compiled_item(device: int, start: float) -> dict:
+    """A plan item for compiled steps: `device` bytes per device, and the seconds since `start` (their
+    compiles)."""
+    return {"device": device, "total": None, "compile_s": time.perf_counter() - start}
+
+
 def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int = 9, calib_sequences: int = 2048,
                 calib_seq_len: int = 2048, calib_batch: int = 8, search: SearchConfig = SearchConfig(),
                 compile_steps: bool = False) -> dict[str, dict[str, int | None]]:
@@ -118,12 +124,11 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
         mlp_levels = level_removals(cfg.intermediate_size, 0.5, 0.125, num_levels, 32)
         attn_levels = level_removals(cfg.num_kv_heads, 0.5, 0.125, num_levels, 1)
         start = time.perf_counter()
-        plan["pruner_mlp"] = {"device": pruner_bytes(mesh, cfg.intermediate_size, cfg.hidden_size, 1, mlp_levels,
-                                                     16, dtype), "total": None, "compile_s": time.perf_counter() - start}
+        plan["pruner_mlp"] = _compiled_item(pruner_bytes(mesh, cfg.intermediate_size, cfg.hidden_size, 1, mlp_levels,
+                                                         16, dtype), start)
         start = time.perf_counter()
-        plan["pruner_attn"] = {"device": pruner_bytes(mesh, attn_in, cfg.hidden_size, cfg.q_per_kv * cfg.head_dim,
-                                                      attn_levels, 1, dtype), "total": None,
-                               "compile_s": time.perf_counter() - start}
+        plan["pruner_attn"] = _compiled_item(pruner_bytes(mesh, attn_in, cfg.hidden_size, cfg.q_per_kv * cfg.head_dim,
+                                                          attn_levels, 1, dtype), start)
         sublayer = max(("pruner_attn", "pruner_mlp"), key=lambda n: plan[n]["device"])
         x = jax.ShapeDtypeStruct((1, calib_batch, calib_seq_len, cfg.hidden_size), dtype,
                                  sharding=NamedSharding(mesh, P(None, "data", None, None)))
@@ -136,7 +141,7 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
             stats = _placed(_variant_stats(d_in), stats_shardings(mesh, d_in, 1))
             lowered = step.lower(sub, x, stats, *extra, cfg, stats_shardings(mesh, d_in, 1))
             temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
-        plan["stats_call"] = {"device": max(temps), "total": None, "compile_s": time.perf_counter() - start}
+        plan["stats_call"] = _compiled_item(max(temps), start)
         levels = (2, cfg.num_layers)
         # The search call is compiled in fp32: in bf16, XLA on CPU converts every stacked operand (the
         # layers and the bank it indexes) to fp32 once ahead of the layer loop, which no GPU does; fp32
@@ -154,7 +159,7 @@ def memory_plan(cfg: ModelConfig, mesh, *, dtype=jnp.bfloat16, num_levels: int =
                     *_placed(cache, cache_sh), jax.ShapeDtypeStruct((call.windows,), jnp.int32, sharding=replicated(mesh)))
             lowered = candidates_kl.lower(*args, cfg, call.group, mesh, call.over, search.logit_chunk)
             temps.append(lowered.compile().memory_analysis().temp_size_in_bytes)
-        plan["search_call"] = {"device": max(temps), "total": None, "compile_s": time.perf_counter() - start}
+        plan["search_call"] = _compiled_item(max(temps), start)
 
     def peak(*names):
         return sum(plan[n]["device"] for n in names if n in plan)

@@ -10,9 +10,14 @@ causal attention (2·2·L·B·N·H·T²/2: only the lower triangle is useful wor
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import glob
+import gzip
 import json
+import os
 import platform
+import re
 import time
 
 import jax
@@ -81,6 +86,29 @@ def hbm_read_bandwidth(gib: float = 4.0, repeats: int = 5, chain: int = 10) -> f
                                  jnp.float32(0))
 
     return x.nbytes * chain / float(np.median(timed(summed, x, repeats=repeats))) / 1e9
+
+
+def device_time_by_kernel(trace_dir: str, hlo_text: str, top: int = 40) -> dict:
+    """Device time of a `jax.profiler` trace (its trace-viewer JSON) summed per kernel name: the total, the
+    number of kernels run, and the top ones with their number of calls, the line of the compiled HLO that
+    made them (kernel names are HLO instruction names with '.' and '-' as '_'; library kernels such as
+    cuBLAS's have their own names) and one event's trace arguments (which name the HLO op where the
+    profiler records it)."""
+    path = max(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True), key=os.path.getmtime)
+    events = json.load(gzip.open(path))["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, n in names.items() if "GPU" in n or "TPU" in n}
+    busy, calls, example = collections.Counter(), collections.Counter(), {}
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in device:
+            busy[e["name"]] += e["dur"]
+            calls[e["name"]] += 1
+            example.setdefault(e["name"], e.get("args", {}))
+    hlo = {re.sub(r"[.-]", "_", m.group(1)): m.group(0)[:240]
+           for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.-]+) = .*$", hlo_text, re.MULTILINE)}
+    return {"device_busy_us": sum(busy.values()), "kernels_run": sum(calls.values()),
+            "top": [{"kernel": k, "us": us, "calls": calls[k], "hlo": hlo.get(k, ""), "args": example[k]}
+                    for k, us in busy.most_common(top)]}
 
 
 def model_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:

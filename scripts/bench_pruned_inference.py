@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_forward import LLAMA31_8B, hbm_read_bandwidth, timed
+from bench_forward import LLAMA31_8B, device_time_by_kernel, hbm_read_bandwidth, timed
 from tyr_jax import search
 from tyr_jax.models import decode, llama
 from tyr_jax.pipeline import prunable_params
@@ -52,26 +51,6 @@ def decode_bytes_per_token(weights: llama.Weights, cache_len: int) -> int:
         total -= weights.embed_vd.nbytes
     kv = sum(2 * cache_len * b.attn.k_dkh[0].size * b.attn.k_dkh.dtype.itemsize for b in weights.blocks)
     return total + kv
-
-
-def device_time_by_kernel(trace_dir: str, hlo_text: str, top: int = 12) -> dict:
-    """Device time of a `jax.profiler` trace (its trace-viewer JSON) summed per kernel name, the top ones
-    with their number of calls and the line of the compiled HLO that made them (kernel names are HLO
-    instruction names with '.' and '-' as '_')."""
-    import collections, glob, gzip, re
-    path = max(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True), key=os.path.getmtime)
-    events = json.load(gzip.open(path))["traceEvents"]
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device = {pid for pid, n in names.items() if "GPU" in n or "TPU" in n}
-    busy, calls = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e["pid"] in device:
-            busy[e["name"]] += e["dur"]
-            calls[e["name"]] += 1
-    hlo = {re.sub(r"[.-]", "_", m.group(1)): m.group(0)[:240]
-           for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.-]+) = .*$", hlo_text, re.MULTILINE)}
-    return {"device_busy_us": sum(busy.values()),
-            "top": [{"kernel": k, "us": us, "calls": calls[k], "hlo": hlo.get(k, "")} for k, us in busy.most_common(top)]}
 
 
 def main():

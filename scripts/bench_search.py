@@ -6,6 +6,8 @@ prefix does less work, so the time can be below it). Random bf16 weights and ran
 (timing does not depend on the values); the model is built with `--layers` L₁ and L₂ layers and the
 time per generation extrapolated linearly in L to 32 (embedding and lm_head are the intercept), or with
 `--layers 32` and measured (the bank of 32 layers' copies, ~44 GB, fits a 141 GB device).
+`--profile DIR` also traces one more generation at the first depth and prints where its device time
+goes (per kernel: time, calls, the compiled HLO of the three stages' fitness calls).
 `--compile-only` allocates nothing: it compiles a first-stage fitness call (`candidates_kl`) from abstract
 shapes at each depth and reports the seconds (any device, CPU included).
 
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_forward import LLAMA31_8B, created_sharded, matmul_ceiling, model_flops
+from bench_forward import LLAMA31_8B, created_sharded, device_time_by_kernel, matmul_ceiling, model_flops
 from tyr_jax import search
 from tyr_jax.models import llama
 from tyr_jax.supernet import LevelPlan, SupernetConfig
@@ -49,8 +51,9 @@ def random_bank(cfg, num_levels, key) -> search.LevelBank:
 
 
 def time_generation(num_layers: int, scfg: search.SearchConfig, generations: int, mesh=None,
-                    base=LLAMA31_8B) -> dict:
-    """Seconds per generation (median after a compiling one) with `num_layers` layers of `base`."""
+                    base=LLAMA31_8B, profile: str | None = None) -> dict:
+    """Seconds per generation (median after a compiling one) with `num_layers` layers of `base`; with
+    `profile`, one more generation traced into that folder and summarised per kernel."""
     cfg = dataclasses.replace(base, num_layers=num_layers)
     key = jax.random.key(0)
     def stacked(k):   # the search scans stacked layers (sharding.stack_layers), created that way here
@@ -73,12 +76,30 @@ def time_generation(num_layers: int, scfg: search.SearchConfig, generations: int
         parent, _ = search.generation_step(weights, bank, cfg, scfg, plan, pool, parent, np.random.default_rng(gen))
         times.append(time.perf_counter() - start)
         print(f"  generation {gen}{' (compiles)' if gen == 0 else ''}: {times[-1]:.1f} s", flush=True)
+    kernels = None
+    if profile:
+        with jax.profiler.trace(profile):
+            search.generation_step(weights, bank, cfg, scfg, plan, pool, parent, np.random.default_rng(generations + 1))
+        kernels = device_time_by_kernel(profile, "\n".join(fitness_hlo(weights, bank, cfg, scfg, pool)))
+        print(json.dumps(kernels, indent=1), flush=True)
     del bank, weights
     stats = jax.devices()[0].memory_stats() or {}  # None on CPU
     return {"layers": num_layers, "pool_topk_s": pool_s, "first_generation_s": times[0],
             "generation_s": float(np.median(times[1:])), "flop_per_generation": generation_flops(cfg, scfg),
             "peak_device_bytes": stats.get("peak_bytes_in_use"),
-            "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+            "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "profile": kernels}
+
+
+def fitness_hlo(weights, bank, cfg, scfg: search.SearchConfig, pool: search.FitnessPool) -> list[str]:
+    """The compiled HLO text of each stage's `candidates_kl` call (as `search.evaluate` makes them)."""
+    s = jax.ShapeDtypeStruct
+    texts = []
+    for call in search.stage_layouts(scfg, 1):
+        args = (weights, bank, s((2, cfg.num_layers), jnp.int32), s((call.padded, 2, cfg.num_layers), jnp.int32),
+                s((call.windows, scfg.seq_len), jnp.int32), pool.idx, pool.logp, s((call.windows,), jnp.int32))
+        lowered = search.candidates_kl.lower(*args, cfg, call.group, None, call.over, scfg.logit_chunk)
+        texts.append(lowered.compile().as_text())
+    return texts
 
 
 def compile_seconds(num_layers: int, scfg: search.SearchConfig, base=LLAMA31_8B) -> dict:
@@ -112,6 +133,7 @@ def main():
     parser.add_argument("--candidate-batch", type=int, default=8)
     parser.add_argument("--json", default=None)
     parser.add_argument("--compile-only", action="store_true", help="compile time of a fitness call per depth")
+    parser.add_argument("--profile", default=None, help="trace one more generation (first depth) into this folder")
     args = parser.parse_args()
     scfg = search.SearchConfig(top_k=8192, pool_sequences=64, seq_len=2048, token_batch=1,
                                candidate_batch=args.candidate_batch)
@@ -125,7 +147,8 @@ def main():
     if len(layers) == 1 and layers != [32]:
         raise SystemExit("--layers: give 32 (measured) or two counts to extrapolate from, e.g. 4,8")
     ceiling = matmul_ceiling()
-    runs = [time_generation(n, scfg, args.generations) for n in layers]
+    runs = [time_generation(n, scfg, args.generations, profile=args.profile if i == 0 else None)
+            for i, n in enumerate(layers)]
     if len(runs) == 1:
         est = runs[0]["generation_s"]
     else:

@@ -61,6 +61,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default=None, help="trace one generation per model into this folder")
+    parser.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
+                        help="decoding's attention over the cache (decode.generate's `attention`)")
     args = parser.parse_args()
     prompt = jax.random.randint(jax.random.key(1), (args.batch, args.prompt), 0, LLAMA31_8B.vocab_size, jnp.int32)
     bandwidth = hbm_read_bandwidth()
@@ -80,7 +82,7 @@ def main():
             cache = decode.init_cache(w, p.shape[0], p.shape[1], cfg)
             return decode.prefill(w, cache, p, cfg)[0]
 
-        gen = functools.partial(decode.generate, cfg=cfg, num_new=args.new_tokens)
+        gen = functools.partial(decode.generate, cfg=cfg, num_new=args.new_tokens, attention=args.attention)
         prefill_s = float(np.median(timed(ttft, weights, prompt, repeats=5)))
         print(f"sparsity {s:.2f}: prefill {prefill_s * 1e3:.1f} ms", flush=True)
         gen_s = float(np.median(timed(gen, weights, prompt, repeats=3)))
@@ -94,7 +96,7 @@ def main():
             trace_dir = f"{args.profile}/sparsity-{s}"
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 jax.block_until_ready(gen(weights, prompt))
-            hlo = decode.generate.lower(weights, prompt, cfg=cfg, num_new=args.new_tokens).compile().as_text()
+            hlo = gen.func.lower(weights, prompt, **gen.keywords).compile().as_text()
             rows[-1]["profile"] = device_time_by_kernel(trace_dir, hlo)
             print(json.dumps(rows[-1]["profile"], indent=1), flush=True)
         del weights
@@ -104,7 +106,7 @@ def main():
         r["prefill_speedup"] = dense["prefill_s"] / r["prefill_s"]
         r["decode_speedup"] = dense["decode_s_per_token"] / r["decode_s_per_token"]
     result = {"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-              "read_bandwidth_gb_s": bandwidth,
+              "read_bandwidth_gb_s": bandwidth, "attention": args.attention,
               "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "rows": rows}
     print(json.dumps(rows, indent=1))
     if args.json:

@@ -1,5 +1,7 @@
 """KV-cache decoding computes what the full forward pass computes, for dense and pruned models."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,3 +45,31 @@ def test_greedy_generation_is_consistent_with_the_forward_pass():
     seq = np.concatenate([prompt, new], axis=1)
     want = np.argmax(np.asarray(llama.forward(weights, seq, cfg))[:, 3:-1], axis=-1)
     np.testing.assert_array_equal(new, want)
+
+
+def test_fused_cached_attention_cuts_the_cache_at_each_position(monkeypatch):
+    """`attention="cudnn"` hands cuDNN the whole cache and the key lengths position + 1 (GQA heads flat).
+    cuDNN needs a GPU, so the same call runs here through JAX's own implementation of that function: the
+    step's logits must equal the full forward pass's. A sliding window keeps the einsum form."""
+    plain = jax.nn.dot_product_attention
+    calls = []
+
+    def xla_instead(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return plain(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_instead)
+    cfg = dataclasses.replace(CFG, sliding_window=None)
+    weights = llama.init_weights(cfg, key=jax.random.key(0), scale=0.3)
+    tokens = np.random.default_rng(0).integers(0, 53, (2, 12)).astype(np.int32)
+    full = np.asarray(llama.forward(weights, tokens, cfg))
+    weights = decode.layout(weights)
+    cache = decode.init_cache(weights, 2, 12, cfg)
+    _, cache = decode.prefill(weights, cache, tokens[:, :5], cfg)
+    for pos in range(5, 12):
+        logits, cache = decode.decode_step(weights, cache, jnp.asarray(tokens[:, pos]), pos, cfg, "cudnn")
+        np.testing.assert_allclose(np.asarray(logits), full[:, pos], atol=1e-5)
+    assert calls.count("cudnn") == 7 * cfg.num_layers
+    calls.clear()
+    decode.decode_step(weights, cache, jnp.asarray(tokens[:, 5]), 5, CFG, "cudnn")   # CFG: a window of 6
+    assert "cudnn" not in calls

@@ -91,8 +91,17 @@ def init_cache(weights: llama.Weights, batch: int, max_len: int, cfg: ModelConfi
             for layer in weights.blocks]
 
 
-def _cached_attention(q, k_cache, v_cache, positions_bt, cfg: ModelConfig):
-    """Queries at `positions_bt` against every cached position up to theirs (fp32 logits)."""
+def _cached_attention(q, k_cache, v_cache, positions_bt, cfg: ModelConfig, implementation: str = "xla"):
+    """Queries at `positions_bt` against every cached position up to theirs (fp32 logits).
+
+    `implementation` "cudnn": one new token per sequence through cuDNN's fused attention (GPU, half
+    precision), the cache cut at position + 1 by its key lengths; a sliding window, which that cut cannot
+    express, keeps the einsum form ("xla")."""
+    b, t, kv, g, h = q.shape
+    if implementation == "cudnn" and t == 1 and cfg.sliding_window is None:
+        out = jax.nn.dot_product_attention(q.reshape(b, 1, kv * g, h), k_cache, v_cache,
+                                           key_value_seq_lengths=positions_bt[:, 0] + 1, implementation="cudnn")
+        return out.reshape(b, 1, kv, g, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
     kpos, qpos = jnp.arange(k_cache.shape[1]), positions_bt[0][:, None]
@@ -126,11 +135,12 @@ def _mlp(layer: Layer, x_btd, cfg: ModelConfig):
     return _plus_bias((jax.nn.silu(gate) * up) @ layer.down_fd, layer.down_bias_d)
 
 
-def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool):
+def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool, attention: str = "xla"):
     """Runs tokens at positions start..start+T-1 against the cache; returns (last logits [B, V], cache).
 
     A prompt (start 0) attends over itself with `llama.attend` (cuDNN's fused kernel on GPU in half
-    precision), not over the whole cache; later tokens attend over the cache. o_proj is one
+    precision), not over the whole cache; later tokens attend over the cache (`_cached_attention`, with
+    `attention` as its implementation). o_proj is one
     [B·T, K·G·H] × [K·G·H, D] product: as the einsum btkgh,kghd->btd, XLA on GPU transposed the whole
     weight every layer and token to match the 1-token context (12% of a step, BENCHMARKS.md)."""
     b, t = tokens_bt.shape
@@ -143,7 +153,8 @@ def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool):
             q, k, v = _qkv(layer, x, cfg, rope)
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
-            ctx = llama.attend(q, k, v, cfg) if prompt else _cached_attention(q, k_cache, v_cache, positions, cfg)
+            ctx = (llama.attend(q, k, v, cfg) if prompt
+                   else _cached_attention(q, k_cache, v_cache, positions, cfg, attention))
             x = x + _plus_bias(ctx.reshape(b, t, -1) @ layer.o_nd, layer.o_bias_d)
         elif layer.o_bias_d is not None:
             x = x + layer.o_bias_d
@@ -160,21 +171,23 @@ def prefill(weights, cache, prompt_bt, cfg: ModelConfig):
     return _step(weights, cache, prompt_bt, 0, cfg, prompt=True)
 
 
-def decode_step(weights, cache, token_b, position, cfg: ModelConfig):
-    """One new token per sequence at `position`; returns (logits [B, V], cache)."""
-    return _step(weights, cache, token_b[:, None], position, cfg, prompt=False)
+def decode_step(weights, cache, token_b, position, cfg: ModelConfig, attention: str = "xla"):
+    """One new token per sequence at `position`; returns (logits [B, V], cache). `attention`: "xla" or
+    "cudnn" (`_cached_attention`)."""
+    return _step(weights, cache, token_b[:, None], position, cfg, prompt=False, attention=attention)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_new"), compiler_options=COMPILER_OPTIONS)
-def generate(weights, prompt_bt, cfg: ModelConfig, num_new: int):
-    """Greedy continuation of `prompt_bt` by `num_new` tokens: [B, num_new] (`layout` weights)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "num_new", "attention"), compiler_options=COMPILER_OPTIONS)
+def generate(weights, prompt_bt, cfg: ModelConfig, num_new: int, attention: str = "xla"):
+    """Greedy continuation of `prompt_bt` by `num_new` tokens: [B, num_new] (`layout` weights); `attention`
+    as in `decode_step`."""
     cache = init_cache(weights, prompt_bt.shape[0], prompt_bt.shape[1] + num_new, cfg)
     logits, cache = prefill(weights, cache, prompt_bt, cfg)
 
     def body(carry, i):
         logits, cache = carry
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logits, cache = decode_step(weights, cache, token, prompt_bt.shape[1] + i, cfg)
+        logits, cache = decode_step(weights, cache, token, prompt_bt.shape[1] + i, cfg, attention)
         return (logits, cache), token
 
     _, tokens = jax.lax.scan(body, (logits, cache), jnp.arange(num_new))

@@ -90,10 +90,12 @@ def hbm_read_bandwidth(gib: float = 4.0, repeats: int = 5, chain: int = 10) -> f
 
 def device_time_by_kernel(trace_dir: str, hlo_text: str, top: int = 40) -> dict:
     """Device time of a `jax.profiler` trace (its trace-viewer JSON) summed per kernel name: the total, the
-    number of kernels run, and the top ones with their number of calls, the line of the compiled HLO that
+    number of kernels run, the top ones with their number of calls, the line of the compiled HLO that
     made them (kernel names are HLO instruction names with '.' and '-' as '_'; library kernels such as
     cuBLAS's have their own names) and one event's trace arguments (which name the HLO op where the
-    profiler records it)."""
+    profiler records it), and the same sums by kind: the name without its instance number
+    (`gemm_fusion_dot_611` → `gemm_fusion_dot`), which gathers the many differently shaped kernels of a
+    model whose layers differ in size."""
     path = max(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True), key=os.path.getmtime)
     events = json.load(gzip.open(path))["traceEvents"]
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -106,9 +108,15 @@ def device_time_by_kernel(trace_dir: str, hlo_text: str, top: int = 40) -> dict:
             example.setdefault(e["name"], e.get("args", {}))
     hlo = {re.sub(r"[.-]", "_", m.group(1)): m.group(0)[:240]
            for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.-]+) = .*$", hlo_text, re.MULTILINE)}
+    kind_us, kind_calls = collections.Counter(), collections.Counter()
+    for k, us in busy.items():
+        kind = re.sub(r"_\d+$", "", k)
+        kind_us[kind] += us
+        kind_calls[kind] += calls[k]
     return {"device_busy_us": sum(busy.values()), "kernels_run": sum(calls.values()),
             "top": [{"kernel": k, "us": us, "calls": calls[k], "hlo": hlo.get(k, ""), "args": example[k]}
-                    for k, us in busy.most_common(top)]}
+                    for k, us in busy.most_common(top)],
+            "by_kind": [{"kind": k, "us": us, "calls": kind_calls[k]} for k, us in kind_us.most_common(top)]}
 
 
 def model_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:

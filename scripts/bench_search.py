@@ -90,30 +90,31 @@ def time_generation(num_layers: int, scfg: search.SearchConfig, generations: int
             "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "profile": kernels}
 
 
+def lower_fitness_call(weights, bank, idx, logp, cfg, scfg: search.SearchConfig, call: search.CallLayout):
+    """`search.candidates_kl` lowered for one call layout, as `search.evaluate` makes its calls (one device;
+    the parents, candidates, tokens and rows as abstract shapes; the weights, bank and the pool's top-k
+    cache `idx`, `logp` concrete or abstract)."""
+    s, levels = jax.ShapeDtypeStruct, (2, cfg.num_layers)
+    args = (weights, bank, s(levels, jnp.int32), s((call.padded, *levels), jnp.int32),
+            s((call.windows, scfg.seq_len), jnp.int32), idx, logp, s((call.windows,), jnp.int32))
+    return search.candidates_kl.lower(*args, cfg, call.group, None, call.over, scfg.logit_chunk)
+
+
 def fitness_hlo(weights, bank, cfg, scfg: search.SearchConfig, pool: search.FitnessPool) -> list[str]:
-    """The compiled HLO text of each stage's `candidates_kl` call (as `search.evaluate` makes them)."""
-    s = jax.ShapeDtypeStruct
-    texts = []
-    for call in search.stage_layouts(scfg, 1):
-        args = (weights, bank, s((2, cfg.num_layers), jnp.int32), s((call.padded, 2, cfg.num_layers), jnp.int32),
-                s((call.windows, scfg.seq_len), jnp.int32), pool.idx, pool.logp, s((call.windows,), jnp.int32))
-        lowered = search.candidates_kl.lower(*args, cfg, call.group, None, call.over, scfg.logit_chunk)
-        texts.append(lowered.compile().as_text())
-    return texts
+    """The compiled HLO text of each stage's `candidates_kl` call."""
+    return [lower_fitness_call(weights, bank, pool.idx, pool.logp, cfg, scfg, call).compile().as_text()
+            for call in search.stage_layouts(scfg, 1)]
 
 
 def compile_seconds(num_layers: int, scfg: search.SearchConfig, base=LLAMA31_8B) -> dict:
     """Seconds to lower and to compile the first stage's `candidates_kl` call on `num_layers` layers of `base`."""
     cfg = dataclasses.replace(base, num_layers=num_layers)
-    s = jax.ShapeDtypeStruct
     weights = jax.eval_shape(search.search_weights, llama.abstract_weights(cfg, jnp.bfloat16))
-    call = search.stage_layouts(scfg, 1)[0]
     cache = (scfg.pool_sequences, scfg.seq_len - 1, scfg.top_k)
-    args = (weights, search.abstract_bank(cfg, 9, jnp.bfloat16), s((2, num_layers), jnp.int32),
-            s((call.padded, 2, num_layers), jnp.int32), s((call.windows, scfg.seq_len), jnp.int32),
-            s(cache, jnp.int32), s(cache, jnp.float32), s((call.windows,), jnp.int32))
     start = time.perf_counter()
-    lowered = search.candidates_kl.lower(*args, cfg, call.group, None, call.over, scfg.logit_chunk)
+    lowered = lower_fitness_call(weights, search.abstract_bank(cfg, 9, jnp.bfloat16),
+                                 jax.ShapeDtypeStruct(cache, jnp.int32), jax.ShapeDtypeStruct(cache, jnp.float32),
+                                 cfg, scfg, search.stage_layouts(scfg, 1)[0])
     lowered_at = time.perf_counter()
     lowered.compile()
     return {"layers": num_layers, "lower_s": lowered_at - start, "compile_s": time.perf_counter() - lowered_at}

@@ -14,9 +14,12 @@ def test_kernels_are_summed_by_name_and_by_kind(tmp_path):
     trace.mkdir(parents=True)
     meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
             {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}}]
-    kernel = lambda name, dur, pid=2: {"ph": "X", "pid": pid, "name": name, "dur": dur, "args": {"hlo_op": name}}  # noqa: E731
-    events = meta + [kernel("gemm_fusion_dot_611", 10), kernel("gemm_fusion_dot_611", 10), kernel("gemm_fusion_dot_7", 5),
-                     kernel("nvjet_sm90_tst_64x8", 4), kernel("host_work", 100, pid=1)]
+
+    def kernel(name, dur, pid=2):
+        return {"ph": "X", "pid": pid, "name": name, "dur": dur, "args": {"hlo_op": name}}
+
+    events = meta + [kernel("gemm_fusion_dot_611", 10), kernel("gemm_fusion_dot_611", 10),
+                     kernel("gemm_fusion_dot_7", 5), kernel("nvjet_sm90_tst_64x8", 4), kernel("host_work", 100, pid=1)]
     with gzip.open(trace / "x.trace.json.gz", "wt") as fh:
         json.dump({"traceEvents": events}, fh)
     hlo = "  %gemm_fusion_dot.611 = f32[8,1,3840]{2,1,0} fusion(%a, %b), kind=kCustom\n"

@@ -140,9 +140,9 @@ def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool, a
 
     A prompt (start 0) attends over itself with `llama.attend` (cuDNN's fused kernel on GPU in half
     precision), not over the whole cache; later tokens attend over the cache (`_cached_attention`, with
-    `attention` as its implementation). o_proj is one
-    [B·T, K·G·H] × [K·G·H, D] product: as the einsum btkgh,kghd->btd, XLA on GPU transposed the whole
-    weight every layer and token to match the 1-token context (12% of a step, BENCHMARKS.md)."""
+    `attention` as its implementation). o_proj is one [B·T, K·G·H] × [K·G·H, D] product: as the einsum
+    btkgh,kghd->btd, XLA on GPU transposed the whole weight every layer and token to match the 1-token
+    context (12% of a step, BENCHMARKS.md)."""
     b, t = tokens_bt.shape
     positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     rope = llama.rope_tables(cfg, positions)

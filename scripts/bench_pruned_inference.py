@@ -61,8 +61,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default=None, help="trace one generation per model into this folder")
-    parser.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
-                        help="decoding's attention over the cache (decode.generate's `attention`)")
+    parser.add_argument("--attention", default=None, choices=("xla", "cudnn"),
+                        help="decoding's attention over the cache (decode.generate's `attention`; default: "
+                             "cuDNN on GPU)")
     args = parser.parse_args()
     prompt = jax.random.randint(jax.random.key(1), (args.batch, args.prompt), 0, LLAMA31_8B.vocab_size, jnp.int32)
     bandwidth = hbm_read_bandwidth()
@@ -106,7 +107,7 @@ def main():
         r["prefill_speedup"] = dense["prefill_s"] / r["prefill_s"]
         r["decode_speedup"] = dense["decode_s_per_token"] / r["decode_s_per_token"]
     result = {"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-              "read_bandwidth_gb_s": bandwidth, "attention": args.attention,
+              "read_bandwidth_gb_s": bandwidth, "attention": args.attention or llama.default_attention(jnp.bfloat16),
               "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "rows": rows}
     print(json.dumps(rows, indent=1))
     if args.json:

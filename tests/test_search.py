@@ -254,15 +254,16 @@ def _alone(weights, bank, pool, levels, rows):
     return float(search.topk_kl(logits, pool.idx[rows], pool.logp[rows]).sum()) / (len(rows) * (SCFG.seq_len - 1))
 
 
-@pytest.mark.parametrize("num, windows", [(6, 4), (6, 6), (1, 4)], ids=["one group", "pairs", "alone"])
+@pytest.mark.parametrize("num, windows", [(6, 5), (6, 3), (6, 6), (1, 4)],
+                         ids=["one group", "pairs", "lone", "one candidate"])
 def test_offspring_share_the_parents_prefix_and_score_as_if_run_alone(setup, num, windows):
     # Many per compiled call, each group from its first changed sublayer on (calls of 6 candidates × 1
-    # window, 2 × 3, or one candidate × 2): the same fitness as running every candidate alone from the
-    # embedding, whichever parent the prefix is taken from.
+    # window, 2 × 3, 1 × 6, or one candidate × 2): the same fitness as running every candidate alone from
+    # the embedding, whichever parent the prefix is taken from.
     weights, plan, _, bank, pool, _ = setup
     parent = np.full((2, 3), 4, np.int32)
     kids = search.mutate(parent, plan, np.random.default_rng(0), 6, 4)[:num]
-    assert search.call_layout(SCFG, num, windows, 1).group == {6: {4: 6, 6: 2}, 1: {4: 1}}[num][windows]
+    assert search.call_layout(SCFG, num, windows, 1).group == {6: {5: 6, 3: 2, 6: 1}, 1: {4: 1}}[num][windows]
     assert num == 1 or len(set(search.first_change(kids, parent).tolist())) > 1
     rows = np.arange(windows)
     alone = [_alone(weights, bank, pool, k, rows) for k in kids]

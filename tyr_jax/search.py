@@ -423,15 +423,15 @@ def call_layout(scfg: SearchConfig, num_candidates: int, num_windows: int, devic
 
     A call holds candidate_batch × token_batch (candidate, window) pairs per device: as many windows as
     divide the stage's, the rest filled with candidates vmapped together (a group runs from the first
-    change of its earliest member, so the fewer candidates a group holds, the less work). Groups hold two
-    candidates at least where there are two: with one, XLA keeps an activation per sublayer (measured
-    with `memory.memory_plan`: 0.5 GB more per 70B layer). The windows are split over `data` when D divides
-    them; otherwise the candidates are."""
+    change of its earliest member, so the fewer candidates a group holds, the less work: a lone candidate
+    runs from its own first change). A lone candidate costs memory, as XLA then keeps an activation per
+    sublayer (`memory.memory_plan` on 70B shapes: 15.4 GB per search call against 6.6 GB with groups of two),
+    and saves time (on 8B shapes, the same two generations in 23.3 s each against 24.7 s; BENCHMARKS.md).
+    The windows are split over `data` when D divides them; otherwise the candidates are."""
     over = "tokens" if num_windows % devices == 0 else "candidates"
     per_device = num_candidates if over == "tokens" else -(-num_candidates // devices)
     per_call = scfg.candidate_batch * scfg.token_batch
-    least = min(2, per_device, per_call)
-    windows = math.gcd(num_windows // devices if over == "tokens" else num_windows, per_call // least)
+    windows = math.gcd(num_windows // devices if over == "tokens" else num_windows, per_call)
     group = min(per_call // windows, per_device)
     padded = -(-per_device // group) * group * (devices if over == "candidates" else 1)
     return CallLayout(over, windows * (devices if over == "tokens" else 1), group, padded)

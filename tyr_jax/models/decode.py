@@ -31,6 +31,11 @@ from tyr_jax.models.config import ModelConfig
 # multiples of 224, were padded per token (BENCHMARKS.md). Multiples of 128 never are, up to K ≈ 32k.
 MLP_MULTIPLE = 128
 
+# `generate`'s caches hold a multiple of this many positions (the ones past the current token are masked).
+# With a 2080-position cache, XLA padded both caches to 2112 positions for the attention product on every
+# step, 2 copies per layer and token (0.17 ms of a 4.7 ms step on an H200; BENCHMARKS.md).
+CACHE_MULTIPLE = 128
+
 # What `generate` is compiled with. XLA on GPU rewrites a matrix-vector product with (N + 1)·K < 10⁷ as
 # an elementwise multiply and a reduce (its dot-strength-reduction pass), written out in between: a pruned
 # layer's small weights (o_proj of ≤ 4 KV groups, q/k/v of ≤ 3) were read at 0.8 TB/s of the H200's 4.3.
@@ -91,13 +96,15 @@ def init_cache(weights: llama.Weights, batch: int, max_len: int, cfg: ModelConfi
             for layer in weights.blocks]
 
 
-def _cached_attention(q, k_cache, v_cache, positions_bt, cfg: ModelConfig, implementation: str = "xla"):
+def _cached_attention(q, k_cache, v_cache, positions_bt, cfg: ModelConfig, implementation: str | None = None):
     """Queries at `positions_bt` against every cached position up to theirs (fp32 logits).
 
-    `implementation` "cudnn": one new token per sequence through cuDNN's fused attention (GPU, half
-    precision), the cache cut at position + 1 by its key lengths; a sliding window, which that cut cannot
-    express, keeps the einsum form ("xla")."""
+    `implementation` "cudnn" (None: `llama.default_attention`, so on GPU in half precision): one new token
+    per sequence through cuDNN's fused attention, the cache cut at position + 1 by its key lengths; a sliding
+    window, which that cut cannot express, keeps the einsum form ("xla"). On an H200, cuDNN's kernel made
+    8B-shaped decoding 2% faster than the einsum form (dense: 4.31 against 4.39 ms per token; BENCHMARKS.md)."""
     b, t, kv, g, h = q.shape
+    implementation = implementation or llama.default_attention(q.dtype)
     if implementation == "cudnn" and t == 1 and cfg.sliding_window is None:
         out = jax.nn.dot_product_attention(q.reshape(b, 1, kv * g, h), k_cache, v_cache,
                                            key_value_seq_lengths=positions_bt[:, 0] + 1, implementation="cudnn")
@@ -135,7 +142,7 @@ def _mlp(layer: Layer, x_btd, cfg: ModelConfig):
     return _plus_bias((jax.nn.silu(gate) * up) @ layer.down_fd, layer.down_bias_d)
 
 
-def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool, attention: str = "xla"):
+def _step(weights, cache, tokens_bt, start, cfg: ModelConfig, *, prompt: bool, attention: str | None = None):
     """Runs tokens at positions start..start+T-1 against the cache; returns (last logits [B, V], cache).
 
     A prompt (start 0) attends over itself with `llama.attend` (cuDNN's fused kernel on GPU in half
@@ -171,17 +178,18 @@ def prefill(weights, cache, prompt_bt, cfg: ModelConfig):
     return _step(weights, cache, prompt_bt, 0, cfg, prompt=True)
 
 
-def decode_step(weights, cache, token_b, position, cfg: ModelConfig, attention: str = "xla"):
-    """One new token per sequence at `position`; returns (logits [B, V], cache). `attention`: "xla" or
-    "cudnn" (`_cached_attention`)."""
+def decode_step(weights, cache, token_b, position, cfg: ModelConfig, attention: str | None = None):
+    """One new token per sequence at `position`; returns (logits [B, V], cache). `attention`: "xla",
+    "cudnn" or None, the default (`_cached_attention`)."""
     return _step(weights, cache, token_b[:, None], position, cfg, prompt=False, attention=attention)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_new", "attention"), compiler_options=COMPILER_OPTIONS)
-def generate(weights, prompt_bt, cfg: ModelConfig, num_new: int, attention: str = "xla"):
+def generate(weights, prompt_bt, cfg: ModelConfig, num_new: int, attention: str | None = None):
     """Greedy continuation of `prompt_bt` by `num_new` tokens: [B, num_new] (`layout` weights); `attention`
     as in `decode_step`."""
-    cache = init_cache(weights, prompt_bt.shape[0], prompt_bt.shape[1] + num_new, cfg)
+    positions = prompt_bt.shape[1] + num_new
+    cache = init_cache(weights, prompt_bt.shape[0], -(-positions // CACHE_MULTIPLE) * CACHE_MULTIPLE, cfg)
     logits, cache = prefill(weights, cache, prompt_bt, cfg)
 
     def body(carry, i):

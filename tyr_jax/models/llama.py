@@ -149,16 +149,19 @@ def attention_context(attn: Attention, x_btd: Array, cfg: ModelConfig, rope: tup
     return attend(q, k, v, cfg, implementation=implementation)
 
 
+def default_attention(dtype) -> str:
+    """cuDNN's fused attention where it exists (GPU, bf16/fp16), else XLA's."""
+    half = dtype in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
 def attend(q_btkgh: Array, k_btkh: Array, v_btkh: Array, cfg: ModelConfig, *,
            implementation: str | None = None) -> Float[Array, "B T K G H"]:
     """Causal self-attention of T queries over the same T positions.
 
     `implementation`: "xla" (our einsum attention, fp32 logits), "cudnn" (fused, GPU only) or None
-    (auto: cuDNN on GPU for bf16/fp16, else XLA)."""
-    if implementation is None:  # auto: cuDNN's fused attention where it exists (GPU, half precision)
-        half = q_btkgh.dtype in (jnp.bfloat16, jnp.float16)
-        implementation = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-    if implementation == "cudnn":
+    (`default_attention`)."""
+    if (implementation or default_attention(q_btkgh.dtype)) == "cudnn":
         b, t, kv, g, h = q_btkgh.shape
         window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
         out = jax.nn.dot_product_attention(q_btkgh.reshape(b, t, kv * g, h), k_btkh, v_btkh, is_causal=True,

@@ -33,8 +33,8 @@ MLP_MULTIPLE = 128
 
 # `generate`'s caches hold a multiple of this many positions (the ones past the current token are masked).
 # With a 2080-position cache, XLA padded both caches to 2112 positions for the attention product on every
-# step, 2 copies per layer and token (0.17 ms of a 4.7 ms step on an H200; BENCHMARKS.md). That is the einsum
-# form's ("xla"); cuDNN's attention, the default on GPU, was as fast either way.
+# step, 2 copies per layer and token (0.17 ms of a 4.7 ms step on an H200; BENCHMARKS.md). That was the
+# einsum attention ("xla"); with cuDNN's, the default on GPU, 2080 and 2176 positions decoded equally fast.
 CACHE_MULTIPLE = 128
 
 # What `generate` is compiled with. XLA on GPU rewrites a matrix-vector product with (N + 1)·K < 10⁷ as
